@@ -1,0 +1,259 @@
+"""Quantize, dequantize and summarise whole parameter trees (Linen dicts, NNX State, any pytree)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpeft import tree as tree_lib
+from jaxpeft.quant._array import (
+    QuantizedArray,
+    _check_block_size,
+    _check_scheme,
+    _resolve_block_size,
+    dequantize_array,
+    quantize_array,
+)
+
+__all__ = ["is_quantized", "default_targets", "quantize", "dequantize", "QuantSummary", "quant_summary"]
+
+# Paths that hold tables or normalisation parameters, not matmul kernels: quantizing them needs
+# an explicit opt-in (QLoRA keeps embeddings and norms in high precision).
+_PROTECTED = re.compile(r"embed|norm", re.IGNORECASE)
+
+
+def is_quantized(x: Any) -> bool:
+    """Whether ``x`` is a :class:`QuantizedArray` (or an NNX Variable holding one)."""
+    if tree_lib._is_nnx_variable(x):
+        x = x.value
+    return isinstance(x, QuantizedArray)
+
+
+def _is_leaf(x: Any) -> bool:
+    return tree_lib._is_nnx_variable(x) or isinstance(x, QuantizedArray)
+
+
+def _value(leaf: Any) -> Any:
+    return leaf.value if tree_lib._is_nnx_variable(leaf) else leaf
+
+
+def default_targets(path: str, leaf: Any) -> bool:
+    """Every floating-point leaf with at least 2 axes whose last path component is ``kernel``."""
+    x = _value(leaf)
+    return (
+        path.rsplit("/", 1)[-1] == "kernel"
+        and hasattr(x, "dtype")
+        and hasattr(x, "ndim")
+        and x.ndim >= 2
+        and jnp.issubdtype(x.dtype, jnp.floating)
+    )
+
+
+def _describe_leaf(x: Any) -> str:
+    if isinstance(x, QuantizedArray):
+        return repr(x)
+    shape = getattr(x, "shape", None)
+    dtype = getattr(x, "dtype", None)
+    if shape is None:
+        return f"a {type(x).__name__}"
+    return f"shape {tuple(shape)}, dtype {np.dtype(dtype).name}"
+
+
+def _check_target(path: str, x: Any, allow_embeddings: bool) -> str | None:
+    """Why the leaf at ``path`` cannot be quantized, or None."""
+    if isinstance(x, QuantizedArray):
+        return f"{path!r} ({_describe_leaf(x)}) is already quantized"
+    if not hasattr(x, "dtype") or not hasattr(x, "shape"):
+        return f"{path!r} is {_describe_leaf(x)}, expected a floating-point array"
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return f"{path!r} ({_describe_leaf(x)}) is not floating-point; only float arrays can be quantized"
+    if x.ndim == 0 or math.prod(x.shape) == 0:
+        return f"{path!r} ({_describe_leaf(x)}) is empty or 0-d; expected an array with elements"
+    if not allow_embeddings:
+        if _PROTECTED.search(path):
+            return (
+                f"{path!r} ({_describe_leaf(x)}) looks like an embedding table or a norm parameter "
+                f"(its path contains 'embed' or 'norm'); pass allow_embeddings=True to quantize it anyway"
+            )
+        if x.ndim < 2:
+            return (
+                f"{path!r} ({_describe_leaf(x)}) is 1-D (a bias or a norm scale?); expected a kernel with "
+                f">= 2 axes, or pass allow_embeddings=True to quantize it anyway"
+            )
+    return None
+
+
+def quantize(
+    params: Any,
+    targets: tree_lib.Selector = default_targets,
+    *,
+    scheme: str = "nf4",
+    block_size: int | None = 64,
+    double_quant: bool = False,
+    allow_embeddings: bool = False,
+) -> Any:
+    """Replace the selected leaves of ``params`` by :class:`QuantizedArray` leaves.
+
+    The input tree is not modified; unselected leaves are shared, not copied. Everything is
+    checked before any leaf is quantized.
+
+    Args:
+      params: any pytree of arrays (Linen params, NNX ``State``, nested dicts).
+      targets: a ``jaxpeft.tree`` selector; default: every >= 2-D float leaf named ``kernel``.
+      scheme: ``"nf4"``, ``"fp4"``, ``"int4"`` or ``"int8"``.
+      block_size: rows of each kernel's input axis per absmax scale (``None``: one per column).
+      double_quant: quantize the absmax scales too (QLoRA double quantization).
+      allow_embeddings: allow quantizing leaves whose path contains ``embed`` / ``norm`` and 1-D
+        leaves (refused by default: QLoRA keeps them in high precision).
+
+    Returns:
+      A tree of the same structure with ``QuantizedArray`` at the selected leaves.
+
+    Raises:
+      SelectorError: ``targets`` matched nothing (the message lists the closest paths), or
+        matched leaves that must not be quantized (each named with its shape and dtype).
+      TypeError / ValueError: a selected leaf is not a float array; bad scheme or block size.
+    """
+    _check_scheme(scheme, "quantize: ")
+    if block_size is not None:
+        _check_block_size(block_size, scheme, "quantize: ")
+    hits = set(tree_lib.select(params, targets, is_leaf=_is_leaf, what="params"))
+    problems = []
+    for path, leaf in tree_lib.leaves_with_paths(params, is_leaf=_is_leaf):
+        if path in hits:
+            reason = _check_target(path, _value(leaf), allow_embeddings)
+            if reason:
+                problems.append(reason)
+    if problems:
+        shown = "\n  ".join(problems[:10])
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        error = TypeError if all("floating-point" in p for p in problems) else tree_lib.SelectorError
+        raise error(
+            f"quantize: selector {tree_lib.describe(targets)} picked {len(problems)} leaf(s) that cannot be "
+            f"quantized:\n  {shown}{more}"
+        )
+
+    def one(keypath, leaf):
+        path = tree_lib.path_to_str(keypath)
+        if path not in hits:
+            return leaf
+        x = _value(leaf)
+        q = quantize_array(
+            x,
+            scheme=scheme,
+            block_size=_resolve_block_size(block_size, x.shape[0], scheme),
+            double_quant=double_quant,
+        )
+        return leaf.replace(value=q) if tree_lib._is_nnx_variable(leaf) else q
+
+    return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_leaf)
+
+
+def dequantize(params: Any, dtype: Any = None) -> Any:
+    """Replace every :class:`QuantizedArray` leaf by the array it stands for.
+
+    Args:
+      params: a tree from :func:`quantize`.
+      dtype: result dtype of the dequantized leaves (default: each leaf's original dtype).
+    """
+
+    def one(leaf):
+        x = _value(leaf)
+        if not isinstance(x, QuantizedArray):
+            return leaf
+        w = dequantize_array(x, dtype)
+        return leaf.replace(value=w) if tree_lib._is_nnx_variable(leaf) else w
+
+    return jax.tree.map(one, params, is_leaf=_is_leaf)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSummary:
+    """Storage of a (partly) quantized tree.
+
+    Attributes:
+      rows: per quantized leaf ``(path, shape, scheme, num_params, nbytes, original_nbytes)``.
+      other_params, other_bytes: the leaves that are not quantized.
+    """
+
+    rows: tuple[tuple[str, tuple[int, ...], str, int, int, int], ...]
+    other_params: int
+    other_bytes: int
+
+    @property
+    def quantized_params(self) -> int:
+        return sum(r[3] for r in self.rows)
+
+    @property
+    def quantized_bytes(self) -> int:
+        return sum(r[4] for r in self.rows)
+
+    @property
+    def original_bytes(self) -> int:
+        """Bytes of the whole tree before quantization."""
+        return sum(r[5] for r in self.rows) + self.other_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of the whole tree as it is."""
+        return self.quantized_bytes + self.other_bytes
+
+    @property
+    def bytes_saved(self) -> int:
+        return self.original_bytes - self.total_bytes
+
+    @property
+    def bits_per_param(self) -> float:
+        """Bits per parameter of the quantized leaves (scales included)."""
+        return self.quantized_bytes * 8 / max(self.quantized_params, 1)
+
+    def __str__(self) -> str:
+        header = ("path", "shape", "scheme", "bits/param", "bytes", "was")
+        body = [
+            (p, "x".join(map(str, s)), sch, f"{b * 8 / max(n, 1):.3f}", tree_lib._fmt_bytes(b), tree_lib._fmt_bytes(o))
+            for p, s, sch, n, b, o in self.rows
+        ]
+        foot = (
+            "quantized",
+            f"{self.quantized_params:,} params",
+            "",
+            f"{self.bits_per_param:.3f}",
+            tree_lib._fmt_bytes(self.quantized_bytes),
+            tree_lib._fmt_bytes(sum(r[5] for r in self.rows)),
+        )
+        widths = [max(len(r[i]) for r in [header, *body, foot]) for i in range(6)]
+
+        def line(r):
+            return "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+        rule = "-" * len(line(header))
+        tail = (
+            f"other leaves: {self.other_params:,} params, {tree_lib._fmt_bytes(self.other_bytes)}\n"
+            f"total: {tree_lib._fmt_bytes(self.total_bytes)} (was {tree_lib._fmt_bytes(self.original_bytes)}), "
+            f"saved {tree_lib._fmt_bytes(self.bytes_saved)}"
+            f" ({100 * self.bytes_saved / max(self.original_bytes, 1):.1f}%)"
+        )
+        return "\n".join([line(header), rule, *map(line, body), rule, line(foot), tail])
+
+
+def quant_summary(params: Any) -> QuantSummary:
+    """Bits per parameter and bytes saved by the quantized leaves of ``params`` (printable)."""
+    rows = []
+    other_params = other_bytes = 0
+    for path, leaf in tree_lib.leaves_with_paths(params, is_leaf=_is_leaf):
+        x = _value(leaf)
+        if isinstance(x, QuantizedArray):
+            scheme = x.scheme + ("+dq" if x.double_quant else "")
+            original = x.num_params * np.dtype(x.dtype).itemsize
+            rows.append((path, x.shape, scheme, x.num_params, x.nbytes, original))
+        elif x is not None and hasattr(x, "shape") and hasattr(x, "dtype"):
+            n = int(math.prod(x.shape))
+            other_params += n
+            other_bytes += n * np.dtype(x.dtype).itemsize
+    return QuantSummary(tuple(rows), other_params, other_bytes)
