@@ -246,7 +246,7 @@ def combine(*trees: Any) -> Any:
 
 def _shape_dtype(x: Any) -> tuple[tuple[int, ...], str]:
     if _is_nnx_variable(x):
-        x = x.value
+        x = x.get_value()
     return tuple(np.shape(x)), str(jax.numpy.result_type(x)) if hasattr(x, "dtype") else type(x).__name__
 
 
@@ -266,7 +266,7 @@ def fingerprint(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> dict
 
 def _nbytes(x: Any) -> int:
     if _is_nnx_variable(x):
-        x = x.value
+        x = x.get_value()
     if hasattr(x, "nbytes"):
         return int(x.nbytes)
     return int(np.size(x) * np.dtype(getattr(x, "dtype", np.float32)).itemsize)
@@ -274,7 +274,7 @@ def _nbytes(x: Any) -> int:
 
 def _numel(x: Any) -> int:
     if _is_nnx_variable(x):
-        x = x.value
+        x = x.get_value()
     return int(getattr(x, "num_params", None) or np.size(x))
 
 

@@ -1,0 +1,49 @@
+"""How transforms reach Flax modules: one entry point, ``apply``, for Linen and NNX.
+
+(``flax`` is imported whole: the submodules ``linen`` and ``nnx`` here shadow its names.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+
+from jaxpeft.bind.linen import PeftLinen, apply_linen
+from jaxpeft.bind.nnx import PeftLayer, PeftParam, adapters_disabled, apply_nnx, peft_layers
+from jaxpeft.transform import Transform
+
+
+def apply(peft: Transform, model: Any, key: jax.Array, *args: Any, params: Any = None, **kwargs: Any) -> Any:
+    """Bind a PEFT transform to a Flax model. Neither the model nor its params are modified.
+
+    Linen::
+
+      peft_model, params = jp.apply(peft, model, key, tokens, params=base_params)
+      logits = peft_model.apply(params, tokens)
+
+    NNX::
+
+      peft_model = jp.apply(peft, model, key)      # a new graph sharing the base Variables
+      logits = peft_model(tokens)
+
+    Args:
+      peft: a transform (``jp.lora(...)``) or ``jp.chain(...)``.
+      model: a ``flax.linen.Module`` or a ``flax.nnx.Module``.
+      key: PRNG key for the new parameters.
+      *args, **kwargs: Linen only: an example input (only its shapes are used).
+      params: Linen only: the base ``params`` collection (None: initialise one).
+    Returns:
+      Linen: ``(PeftLinen, params)``; NNX: the new module.
+    """
+    if isinstance(model, flax.linen.Module):
+        return apply_linen(peft, model, key, *args, params=params, **kwargs)
+    if isinstance(model, flax.nnx.Module):
+        if args or kwargs or params is not None:
+            raise TypeError("an NNX model needs no example input or params: jp.apply(peft, model, key)")
+        return apply_nnx(peft, model, key)
+    raise TypeError(f"jp.apply expects a flax.linen.Module or a flax.nnx.Module, got {type(model).__name__}")
+
+
+__all__ = ["PeftLayer", "PeftLinen", "PeftParam", "adapters_disabled", "apply", "peft_layers"]

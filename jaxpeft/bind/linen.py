@@ -1,0 +1,186 @@
+"""Linen binding: methods reach Linen layers through ``flax.linen.intercept_methods``.
+
+The user's module is never rebuilt or subclassed. ``PeftLinen.apply`` runs
+``model.apply`` with an interceptor that, at each targeted layer's ``__call__``, wraps
+the layer's own computation with the methods placed there. PEFT leaves live in the same
+``params`` tree, beside the layer's kernel (``layers_0/attn/query/lora_a``), so one tree
+holds everything and ``partition`` splits it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+from flax.core import unfreeze
+
+from jaxpeft.bind.plan import Layer, Placement, plan
+from jaxpeft.methods.site import Site, dense_general_equation
+from jaxpeft.transform import Transform, methods_of
+
+WRAPPABLE = "Dense, DenseGeneral or Einsum"
+
+
+def _module_path(module: nn.Module) -> str:
+    return "/".join(str(p) for p in module.path)
+
+
+def _site(module: nn.Module, x: Any) -> tuple[Site | None, str | None]:
+    """The site of a Linen layer called on ``x``, or why there is none."""
+    path = _module_path(module)
+    if not isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Einsum)):
+        return None, f"not a {WRAPPABLE}"
+    if not module.has_variable("params", "kernel"):
+        return None, "it has no 'kernel' parameter"
+    kernel = module.get_variable("params", "kernel")
+    shape, dtype = tuple(kernel.shape), jax.numpy.dtype(kernel.dtype).name
+    if isinstance(module, nn.Dense):
+        equation = "...i,io->...o"
+    elif isinstance(module, nn.Einsum):
+        equation = module.einsum_str
+    else:
+        if module.batch_dims:
+            return None, f"DenseGeneral with batch_dims={module.batch_dims} is not supported"
+        axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+        axis = tuple(a - x.ndim if a >= 0 else a for a in axis)
+        if axis != tuple(range(-len(axis), 0)):
+            return None, f"DenseGeneral contracts axis={module.axis}; only trailing input axes are supported"
+        equation = dense_general_equation(len(axis), len(shape) - len(axis))
+    try:
+        return Site(path, type(module).__name__, equation, shape, dtype), None
+    except ValueError as e:
+        return None, str(e)
+
+
+def discover(model: nn.Module, params: Any, *args: Any, **kwargs: Any) -> tuple[Layer, ...]:
+    """Every module ``model.apply`` calls, with its site where it is a wrappable layer.
+
+    Runs under ``jax.eval_shape``: no FLOP is spent.
+    """
+    found: dict[str, Layer] = {}
+
+    def record(next_fun, call_args, call_kwargs, context):
+        module = context.module
+        path = _module_path(module)
+        if context.method_name == "__call__" and path and path not in found:
+            own = module.variables.get("params", {})
+            names = tuple(k for k, v in own.items() if not isinstance(v, Mapping))
+            site, why = _site(module, call_args[0]) if call_args else (None, "called without an input")
+            found[path] = Layer(path, module, bool(names), names, site, why)
+        return next_fun(*call_args, **call_kwargs)
+
+    def run(p):
+        with nn.intercept_methods(record):
+            return model.apply({"params": p}, *args, **kwargs)
+
+    jax.eval_shape(run, params)
+    return tuple(found.values())
+
+
+def _set_leaf(tree: dict, path: tuple[str, ...], value: Any) -> dict:
+    """A copy of the nested dict ``tree`` with ``value`` at ``path`` (containers copied, leaves shared)."""
+    head, *rest = path
+    out = dict(tree)
+    out[head] = _set_leaf(dict(tree.get(head, {})), tuple(rest), value) if rest else value
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftLinen:
+    """A Linen model with PEFT methods bound to some of its layers.
+
+    Attributes:
+      model: the user's Linen module, unchanged.
+      peft: the transform.
+      placements: which methods sit at which site.
+    """
+
+    model: nn.Module
+    peft: Transform
+    placements: tuple[Placement, ...]
+
+    @property
+    def trainable(self):
+        """Selector of the PEFT leaves (``jp.partition(params, peft_model.trainable)``)."""
+        return self.peft.trainable
+
+    def apply(
+        self,
+        params: Any,
+        *args: Any,
+        rngs: Any = None,
+        adapters: bool = True,
+        collections: Mapping[str, Any] | None = None,
+        method: Any = None,
+        mutable: Any = False,
+        **kwargs: Any,
+    ) -> Any:
+        """``model.apply`` with the methods in place.
+
+        Args:
+          params: the ``params`` collection: base and PEFT leaves in one tree.
+          rngs: as for ``model.apply``; a ``"dropout"`` key turns LoRA dropout on.
+          adapters: False runs the base model alone (same params, no rebuild).
+          collections: other variable collections (``batch_stats``, ...).
+        """
+        variables = {"params": params, **(collections or {})}
+        if not adapters:
+            return self.model.apply(variables, *args, rngs=rngs, method=method, mutable=mutable, **kwargs)
+        by_path = {p.site.path: p for p in self.placements}
+
+        def intercept(next_fun, call_args, call_kwargs, context):
+            placement = by_path.get(_module_path(context.module)) if context.method_name == "__call__" else None
+            if placement is None:
+                return next_fun(*call_args, **call_kwargs)
+            module = context.module
+            x, rest = call_args[0], call_args[1:]
+            fn = lambda x: next_fun(x, *rest, **call_kwargs)  # noqa: E731
+            for m in placement.methods:
+                site_params = {name: module.get_variable("params", name) for name in m.param_names}
+                missing = [name for name, value in site_params.items() if value is None]
+                if missing:
+                    raise KeyError(f"params lack {missing} at {placement.site.path!r}: were they dropped or renamed?")
+                wants_rng = getattr(m, "dropout", 0.0) > 0.0 and module.has_rng("dropout")
+                rng = module.make_rng("dropout") if wants_rng else None
+                fn = functools.partial(m.apply_site, site_params, placement.site, base_fn=fn, rng=rng)
+            return fn(x)
+
+        with nn.intercept_methods(intercept):
+            return self.model.apply(variables, *args, rngs=rngs, method=method, mutable=mutable, **kwargs)
+
+    __call__ = apply
+
+
+def apply_linen(
+    peft: Transform, model: nn.Module, key: jax.Array, *args: Any, params: Any = None, **kwargs: Any
+) -> tuple[PeftLinen, dict]:
+    """Bind ``peft`` to a Linen ``model``; return the bound model and params with new PEFT leaves.
+
+    Args:
+      peft: a transform or chain.
+      model: a Linen module.
+      key: PRNG key for the PEFT parameters (and the base, when ``params`` is None).
+      *args, **kwargs: an example input, as ``model.apply`` takes it (shapes only are used).
+      params: the base ``params`` collection; never modified (new dicts, same arrays).
+        None initialises a base with ``model.init``.
+    """
+    methods_of(peft)
+    base_key, peft_key = jax.random.split(key)
+    if params is None:
+        params = model.init(base_key, *args, **kwargs)["params"]
+    params = unfreeze(params) if not isinstance(params, dict) else params
+    if isinstance(params, dict) and set(params) == {"params"}:
+        raise ValueError("pass the 'params' collection itself, not the variables dict {'params': ...}")
+    placements = plan(peft, discover(model, params, *args, **kwargs), WRAPPABLE)
+
+    pairs = [(p.site, m) for p in placements for m in p.methods]
+    keys = jax.random.split(peft_key, len(pairs))
+    new = params
+    for k, (site, method) in zip(keys, pairs):
+        for name, value in method.init_site(k, site).items():
+            new = _set_leaf(new, (*site.path.split("/"), name), value)
+    return PeftLinen(model, peft, placements), new

@@ -1,0 +1,172 @@
+"""NNX binding: a structural copy of the module graph whose targeted layers are wrapped.
+
+``apply_nnx`` returns a new graph (``nnx.merge(*nnx.split(model))``: new Python objects,
+the same arrays, nothing copied in memory) in which each targeted ``Linear``,
+``LinearGeneral`` or ``Einsum`` is replaced by a ``PeftLayer`` holding the original layer
+as ``base_layer`` and the methods' leaves as ``PeftParam`` variables. The input model is
+never touched. Everything else is plain NNX: ``nnx.split(peft_model, jp.PeftParam, ...)``
+separates what trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+from flax import nnx
+
+from jaxpeft.bind.plan import Layer, Placement, plan
+from jaxpeft.methods.site import Site, dense_general_equation
+from jaxpeft.transform import Transform
+
+WRAPPABLE = "Linear, LinearGeneral or Einsum"
+
+
+class PeftParam(nnx.Param):
+    """A trainable parameter added by a PEFT method (filter with ``jp.PeftParam``)."""
+
+
+def _path_str(path: tuple) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def _site(path: str, module: nnx.Module) -> tuple[Site | None, str | None]:
+    """The site of an NNX layer, or why there is none."""
+    if not isinstance(module, (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)):
+        return None, f"not a {WRAPPABLE}"
+    kernel = module.kernel.get_value()
+    shape, dtype = tuple(kernel.shape), jax.numpy.dtype(kernel.dtype).name
+    if isinstance(module, nnx.Linear):
+        equation = "...i,io->...o"
+    elif isinstance(module, nnx.Einsum):
+        equation = module.einsum_str
+    else:
+        if module.batch_axis:
+            return None, f"LinearGeneral with batch_axis={dict(module.batch_axis)} is not supported"
+        n = len(module.axis)
+        if tuple(module.axis) != tuple(range(-n, 0)):
+            return None, f"LinearGeneral contracts axis={module.axis}; only trailing negative axes are supported"
+        equation = dense_general_equation(n, len(shape) - n)
+    try:
+        return Site(path, type(module).__name__, equation, shape, dtype), None
+    except ValueError as e:
+        return None, str(e)
+
+
+def discover(model: nnx.Module) -> tuple[Layer, ...]:
+    """Every module in the graph, with its site where it is a wrappable layer."""
+    layers = []
+    for path, node in nnx.iter_graph(model):
+        if not isinstance(node, nnx.Module) or not path:
+            continue
+        names = tuple(k for k, v in vars(node).items() if isinstance(v, nnx.Variable))
+        site, why = _site(_path_str(path), node)
+        layers.append(Layer(_path_str(path), node, bool(names), names, site, why))
+    return tuple(layers)
+
+
+class PeftLayer(nnx.Module):
+    """A base layer with PEFT methods around it.
+
+    Attributes:
+      base_layer: the original layer (its Variables are the base model's).
+      site: the layer as the methods see it.
+      methods: the methods, in chain order.
+      adapters_enabled: False runs ``base_layer`` alone.
+      deterministic: True turns dropout off (``model.eval()`` sets it, as for ``nnx.Dropout``).
+    """
+
+    def __init__(self, base_layer: nnx.Module, placement: Placement, params: dict[str, jax.Array], key: jax.Array):
+        self.base_layer = base_layer
+        self.site = placement.site
+        self.methods = placement.methods
+        for name, value in params.items():
+            setattr(self, name, PeftParam(value))
+        self.adapters_enabled = True
+        self.deterministic = False
+        needs_rng = any(getattr(m, "dropout", 0.0) > 0.0 for m in self.methods)
+        self.rngs = nnx.Rngs(dropout=key) if needs_rng else None
+
+    def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        fn = lambda x: self.base_layer(x, *args, **kwargs)  # noqa: E731
+        if not self.adapters_enabled:
+            return fn(x)
+        for m in self.methods:
+            params = {name: getattr(self, name).get_value() for name in m.param_names}
+            use_rng = self.rngs is not None and not self.deterministic and getattr(m, "dropout", 0.0) > 0.0
+            rng = self.rngs.dropout() if use_rng else None
+            fn = functools.partial(m.apply_site, params, self.site, base_fn=fn, rng=rng)
+        return fn(x)
+
+
+def _get(node: Any, path: tuple) -> Any:
+    for part in path:
+        node = node[part] if isinstance(part, int) else getattr(node, part)
+    return node
+
+
+def _set(node: Any, part: Any, value: Any) -> None:
+    if isinstance(part, int):
+        node[part] = value
+    else:
+        setattr(node, part, value)
+
+
+def copy_graph(model: nnx.Module) -> nnx.Module:
+    """A new module graph with the same arrays (no array is copied)."""
+    return nnx.merge(*nnx.split(model))
+
+
+def apply_nnx(peft: Transform, model: nnx.Module, key: jax.Array) -> nnx.Module:
+    """Bind ``peft`` to an NNX ``model``; return a new model (the input is left as it is).
+
+    Args:
+      peft: a transform or chain.
+      model: an NNX module.
+      key: PRNG key for the PEFT parameters and their dropout stream.
+    """
+    placements = plan(peft, discover(model), WRAPPABLE)
+    new = copy_graph(model)
+    keys = jax.random.split(key, len(placements))
+    for k, placement in zip(keys, placements):
+        parts = _parts(model, placement.site.path)
+        init_key, dropout_key = jax.random.split(k)
+        method_keys = jax.random.split(init_key, len(placement.methods))
+        params = {}
+        for mk, m in zip(method_keys, placement.methods):
+            params.update(m.init_site(mk, placement.site))
+        parent = _get(new, parts[:-1])
+        _set(parent, parts[-1], PeftLayer(_get(new, parts), placement, params, dropout_key))
+    return new
+
+
+def _parts(model: nnx.Module, path: str) -> tuple:
+    """The graph path (with int indices for list elements) whose string form is ``path``."""
+    for graph_path, _ in nnx.iter_graph(model):
+        if _path_str(graph_path) == path:
+            return tuple(graph_path)
+    raise KeyError(path)
+
+
+def peft_layers(model: nnx.Module) -> Iterator[tuple[tuple, PeftLayer]]:
+    """``(graph path, layer)`` for every ``PeftLayer`` in ``model``."""
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, PeftLayer):
+            yield tuple(path), node
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nnx.Module) -> Iterator[nnx.Module]:
+    """Within the block, every ``PeftLayer`` of ``model`` runs its base layer alone."""
+    layers = [layer for _, layer in peft_layers(model)]
+    before = [layer.adapters_enabled for layer in layers]
+    for layer in layers:
+        layer.adapters_enabled = False
+    try:
+        yield model
+    finally:
+        for layer, flag in zip(layers, before):
+            layer.adapters_enabled = flag

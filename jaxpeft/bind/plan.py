@@ -1,0 +1,84 @@
+"""Matching transforms to layers: shared by the Linen and NNX bindings.
+
+A binding lists the model's layers as ``Layer`` records; ``plan`` matches every transform's
+targets against them and checks everything (selectors that match nothing, layer types a
+method cannot wrap, ranks, two methods claiming one leaf) before any parameter is made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from jaxpeft.methods.site import Site
+from jaxpeft.transform import Transform, check_claims, methods_of
+from jaxpeft.tree import SelectorError, describe, matches, nearest_paths
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One module of the base model as a binding sees it.
+
+    Attributes:
+      path: module path, ``"layers_0/attn/query"``.
+      module: the module object (for type and predicate selectors).
+      owns_params: whether the module holds parameters itself (not only through children).
+      param_names: names of the parameters it holds itself.
+      site: the linear site, when the binding can wrap this layer type.
+      unsupported: why it cannot be wrapped, when it cannot.
+    """
+
+    path: str
+    module: Any
+    owns_params: bool
+    param_names: tuple[str, ...] = ()
+    site: Site | None = None
+    unsupported: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """The methods bound at one site, in chain order."""
+
+    site: Site
+    methods: tuple[Transform, ...]
+
+
+def plan(peft: Transform, layers: Sequence[Layer], wrappable: str) -> tuple[Placement, ...]:
+    """Where each method goes; raises before any work when something does not fit.
+
+    Args:
+      peft: a transform or chain.
+      layers: every module of the model, from the binding.
+      wrappable: the layer types the binding wraps, for messages.
+    """
+    methods = methods_of(peft)
+    by_path: dict[str, list[Transform]] = {}
+    for method in methods:
+        hits = [layer for layer in layers if matches(method.targets, layer.path, layer.module)]
+        for layer in hits:
+            if layer.site is None and layer.owns_params:
+                raise TypeError(
+                    f"{type(method).__name__} targets {describe(method.targets)} matched {layer.path!r} "
+                    f"({type(layer.module).__name__}), which it cannot wrap ({layer.unsupported or 'unsupported'}); "
+                    f"it wraps {wrappable}"
+                )
+        hits = [layer for layer in hits if layer.site is not None]
+        if not hits:
+            candidates = [layer.path for layer in layers if layer.site is not None] or [l.path for l in layers]
+            raise SelectorError(
+                f"{type(method).__name__} targets {describe(method.targets)} matched no {wrappable} layer. "
+                f"Closest layer paths: {nearest_paths(method.targets, candidates)}"
+            )
+        for layer in hits:
+            method.check_site(layer.site)
+            by_path.setdefault(layer.path, []).append(method)
+
+    placements = []
+    for layer in layers:
+        if layer.path in by_path:
+            chosen = tuple(by_path.pop(layer.path))
+            check_claims(layer.site, chosen, existing=layer.param_names)
+            placements.append(Placement(layer.site, chosen))
+    return tuple(placements)

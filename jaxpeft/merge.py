@@ -1,0 +1,129 @@
+"""Merge PEFT updates into base kernels for serving, and take them back out.
+
+``merge`` returns base-shaped parameters (Linen) or a plain module graph (NNX) in which each
+wrapped kernel holds its update (``W + s A B`` for LoRA) and the PEFT leaves are gone.
+``unmerge`` is its inverse: ``unmerge(m, merge(m, p), adapter) == p`` to float tolerance.
+Inputs are never modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flax import nnx
+
+from jaxpeft.bind.linen import PeftLinen
+from jaxpeft.bind.nnx import PeftLayer, _get, _set, copy_graph, peft_layers
+
+
+def _node(tree: Any, path: str) -> Any:
+    for part in path.split("/"):
+        if not isinstance(tree, Mapping) or part not in tree:
+            raise KeyError(f"no parameters at {path!r} (missing {part!r})")
+        tree = tree[part]
+    return tree
+
+
+def _replace(tree: Mapping, parts: list[str], value: Any) -> dict:
+    head, *rest = parts
+    out = dict(tree)
+    out[head] = _replace(tree[head], rest, value) if rest else value
+    return out
+
+
+def _merge_linen(peft_model: PeftLinen, params: Mapping) -> dict:
+    for placement in peft_model.placements:
+        node = _node(params, placement.site.path)
+        kernel = node["kernel"]
+        names = set()
+        for m in placement.methods:
+            kernel = m.merge_site({n: node[n] for n in m.param_names}, kernel)
+            names.update(m.param_names)
+        merged = {k: v for k, v in node.items() if k not in names}
+        merged["kernel"] = kernel
+        params = _replace(params, placement.site.path.split("/"), merged)
+    return params
+
+
+def _unmerge_linen(peft_model: PeftLinen, merged: Mapping, adapter: Mapping) -> dict:
+    params = merged
+    for placement in peft_model.placements:
+        node = dict(_node(merged, placement.site.path))
+        leaves = _node(adapter, placement.site.path)
+        kernel = node["kernel"]
+        for m in reversed(placement.methods):
+            site_params = {n: leaves[n] for n in m.param_names}
+            kernel = m.unmerge_site(site_params, kernel)
+            node.update(site_params)
+        node["kernel"] = kernel
+        params = _replace(params, placement.site.path.split("/"), node)
+    return params
+
+
+def _merged_base_layer(layer: PeftLayer, kernel_fn) -> nnx.Module:
+    """A copy of ``layer.base_layer`` sharing its Variables except a new kernel."""
+    base = nnx.merge(*nnx.split(layer.base_layer))
+    base.kernel = base.kernel.replace(value=kernel_fn(base.kernel.get_value()))
+    return base
+
+
+def merge(peft_model: Any, params: Any = None) -> Any:
+    """Fold every PEFT update into its base kernel.
+
+    Args:
+      peft_model: a ``PeftLinen`` (then ``params`` is required) or an NNX model from ``jp.apply``.
+      params: Linen only: the params tree with base and PEFT leaves.
+    Returns:
+      Linen: a params tree of the base model's structure. NNX: a new module graph with plain
+      layers (the input model keeps working unchanged).
+    """
+    if isinstance(peft_model, PeftLinen):
+        if params is None:
+            raise TypeError("merge(PeftLinen, params): params are required for a Linen model")
+        return _merge_linen(peft_model, params)
+    if isinstance(peft_model, nnx.Module):
+        if params is not None:
+            raise TypeError("merge(nnx_model): an NNX model holds its own parameters; pass no params")
+        new = copy_graph(peft_model)
+        for path, layer in list(peft_layers(new)):
+
+            def fold(kernel, layer=layer):
+                for m in layer.methods:
+                    kernel = m.merge_site({n: getattr(layer, n).get_value() for n in m.param_names}, kernel)
+                return kernel
+
+            _set(_get(new, path[:-1]), path[-1], _merged_base_layer(layer, fold))
+        return new
+    raise TypeError(f"merge expects a PeftLinen or an NNX module from jp.apply, got {type(peft_model).__name__}")
+
+
+def unmerge(peft_model: Any, merged: Any, adapter: Any = None) -> Any:
+    """Take PEFT updates back out of merged kernels: the inverse of ``merge``.
+
+    Args:
+      peft_model: Linen: the ``PeftLinen``; NNX: a model from ``jp.apply`` whose PEFT leaves
+        are the update to take out.
+      merged: Linen: merged params; NNX: the merged module from ``merge``.
+      adapter: Linen only: a tree holding the PEFT leaves (e.g. the trainable partition).
+    Returns:
+      Linen: params with base kernels and PEFT leaves. NNX: a PEFT model whose base kernels
+      are ``merged``'s kernels with the update removed.
+    """
+    if isinstance(peft_model, PeftLinen):
+        if adapter is None:
+            raise TypeError("unmerge(PeftLinen, merged, adapter): the adapter leaves are required")
+        return _unmerge_linen(peft_model, merged, adapter)
+    if isinstance(peft_model, nnx.Module):
+        new = copy_graph(peft_model)
+        for path, layer in list(peft_layers(new)):
+            merged_kernel = _get(merged, path).kernel.get_value()
+
+            def unfold(_, layer=layer, kernel=merged_kernel):
+                for m in reversed(layer.methods):
+                    kernel = m.unmerge_site({n: getattr(layer, n).get_value() for n in m.param_names}, kernel)
+                return kernel
+
+            layer.base_layer = _merged_base_layer(layer, unfold)
+        return new
+    raise TypeError(f"unmerge expects a PeftLinen or an NNX module from jp.apply, got {type(peft_model).__name__}")
