@@ -1,0 +1,1 @@
+"""`jaxpeft demo`: the end-to-end job on embedded defaults (no downloads)."""
