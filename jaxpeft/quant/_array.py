@@ -244,8 +244,9 @@ def quantize_array(
     """
     _check_scheme(scheme)
     _check_array(w)
+    if block_size is not None:
+        _check_block_size(block_size, scheme)
     block_size = _resolve_block_size(block_size, w.shape[0], scheme)
-    _check_block_size(block_size, scheme)
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be a bool; got {double_quant!r}")
     packed, scales, scale_scales, scale_offset = _quantize(
@@ -279,23 +280,11 @@ def _dequantize_scales(q: QuantizedArray) -> jax.Array:
     return (centred.reshape(nb, nsb * SCALE_BLOCK_SIZE)[:, :r] + q.scale_offset).reshape(nb, *rest)
 
 
-def _decode_values(q: QuantizedArray) -> jax.Array:
-    """Codebook values (float32, before scaling) ``[rows, *rest]``, rows >= d_in."""
-    if q.scheme == "int8":
-        return q.packed.astype(jnp.float32) * jnp.float32(1.0 / _codebooks.INT8_MAX)
-    table = _codebooks.CODEBOOKS[q.scheme]
-    # One 256-entry lookup per byte for each nibble: no shifts or masks in the hot loop.
-    hi = jnp.asarray(np.repeat(table, 16))  # hi[b] = table[b >> 4]
-    lo = jnp.asarray(np.tile(table, 16))  # lo[b] = table[b & 15]
-    p = q.packed
-    values = jnp.stack([hi[p], lo[p]], axis=1)
-    return values.reshape(2 * p.shape[0], *p.shape[1:])
-
-
 def dequantize_array(q: QuantizedArray, dtype: Any = None) -> jax.Array:
     """The array a :class:`QuantizedArray` stands for: ``codebook[code] * absmax`` per block.
 
-    Meant to run inside the jitted forward pass, where XLA fuses it with its consumer.
+    Meant to run inside the jitted forward pass, where XLA fuses unpacking, lookup and scaling
+    into one elementwise loop that writes the kernel once, in ``dtype``.
 
     Args:
       q: the quantized array, original shape ``[d_in, *rest]``.
@@ -306,14 +295,36 @@ def dequantize_array(q: QuantizedArray, dtype: Any = None) -> jax.Array:
     """
     if not isinstance(q, QuantizedArray):
         raise TypeError(f"dequantize_array expects a QuantizedArray; got {type(q).__name__}")
-    dtype = np.dtype(q.dtype if dtype is None else dtype)
+    return _dequantize(q, dtype=np.dtype(q.dtype if dtype is None else dtype))
+
+
+# Jitted so that an eager call compiles one fused program per (shape, scheme, dtype) rather than
+# dispatching each step; inside an outer jit it is inlined and fused with its consumer.
+@functools.partial(jax.jit, static_argnames="dtype")
+def _dequantize(q: QuantizedArray, dtype: np.dtype) -> jax.Array:
     d_in, rest = q.shape[0], q.shape[1:]
-    values = _decode_values(q)
-    scales = _dequantize_scales(q)
-    # Row i of the weight uses scale row i // block_size.
-    rows = jnp.repeat(scales, q.block_size, axis=0, total_repeat_length=scales.shape[0] * q.block_size)
-    n = min(values.shape[0], rows.shape[0])
-    return (values[:n] * rows[:n])[:d_in].astype(dtype).reshape(d_in, *rest)
+    scales = _dequantize_scales(q)  # [nb, *rest]
+    nb, block = scales.shape[0], q.block_size
+    if q.scheme == "int8":
+        values = q.packed.astype(jnp.float32)
+        scales = scales * jnp.float32(1.0 / _codebooks.INT8_MAX)
+    else:
+        # Shift/mask and a 16-entry lookup: measured on CPU, this beats a 256-entry byte->pair
+        # table and a select tree (benchmarks/bench_quant.py); XLA vectorises it into one loop.
+        codes = _packing.unpack_nibbles(q.packed, q.packed.shape[0] * 2)
+        values = jnp.asarray(_codebooks.CODEBOOKS[q.scheme])[codes]
+    rows = values.shape[0]
+    if rows < nb * block:  # the last block is partial: pad so rows split evenly into blocks
+        values = jnp.pad(values, [(0, nb * block - rows)] + [(0, 0)] * len(rest))
+    # Rows [b * block, (b + 1) * block) use scale row b.
+    w = values[: nb * block].reshape(nb, block, *rest) * scales[:, None]
+    return w.reshape(nb * block, *rest)[:d_in].astype(dtype)
+
+
+def _accumulation_dtype(dtype: np.dtype) -> np.dtype:
+    # Low-precision floats multiply and accumulate in float32 (as on GPU/TPU matrix units), then
+    # round once; on XLA:CPU this is also the fast bf16 path (bf16 -> bf16 dots are upcast).
+    return np.dtype(jnp.float32) if dtype.itemsize < 4 and jnp.issubdtype(dtype, jnp.floating) else dtype
 
 
 def qmatmul(x: jax.Array, w: QuantizedArray | jax.Array, dtype: Any = None) -> jax.Array:
@@ -331,7 +342,10 @@ def qmatmul(x: jax.Array, w: QuantizedArray | jax.Array, dtype: Any = None) -> j
     kernel = dequantize_array(w, dtype) if isinstance(w, QuantizedArray) else jnp.asarray(w, dtype)
     if x.shape[-1] != kernel.shape[0]:
         raise ValueError(f"qmatmul: x has {x.shape[-1]} features (shape {x.shape}) but w expects {kernel.shape[0]} (shape {kernel.shape})")
-    return jnp.tensordot(x.astype(dtype), kernel, axes=((x.ndim - 1,), (0,)))
+    out = jnp.tensordot(
+        x.astype(dtype), kernel, axes=((x.ndim - 1,), (0,)), preferred_element_type=_accumulation_dtype(dtype)
+    )
+    return out.astype(dtype)
 
 
 def einsum(subscripts: str, *operands: Any, dtype: Any = None, **kwargs: Any) -> jax.Array:
@@ -343,4 +357,5 @@ def einsum(subscripts: str, *operands: Any, dtype: Any = None, **kwargs: Any) ->
         plain = [o for o in operands if not isinstance(o, QuantizedArray)]
         dtype = plain[0].dtype if plain else operands[0].dtype
     arrays = [dequantize_array(o, dtype) if isinstance(o, QuantizedArray) else jnp.asarray(o, dtype) for o in operands]
-    return jnp.einsum(subscripts, *arrays, **kwargs)
+    kwargs.setdefault("preferred_element_type", _accumulation_dtype(np.dtype(dtype)))
+    return jnp.einsum(subscripts, *arrays, **kwargs).astype(dtype)

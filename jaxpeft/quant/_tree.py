@@ -30,9 +30,7 @@ _PROTECTED = re.compile(r"embed|norm", re.IGNORECASE)
 
 def is_quantized(x: Any) -> bool:
     """Whether ``x`` is a :class:`QuantizedArray` (or an NNX Variable holding one)."""
-    if tree_lib._is_nnx_variable(x):
-        x = x.value
-    return isinstance(x, QuantizedArray)
+    return isinstance(_value(x), QuantizedArray)
 
 
 def _is_leaf(x: Any) -> bool:
@@ -40,7 +38,10 @@ def _is_leaf(x: Any) -> bool:
 
 
 def _value(leaf: Any) -> Any:
-    return leaf.value if tree_lib._is_nnx_variable(leaf) else leaf
+    """The array an NNX Variable holds (``get_value`` where Flax has it), or the leaf itself."""
+    if not tree_lib._is_nnx_variable(leaf):
+        return leaf
+    return leaf.get_value() if hasattr(leaf, "get_value") else leaf.value
 
 
 def default_targets(path: str, leaf: Any) -> bool:
