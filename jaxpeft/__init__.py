@@ -4,8 +4,21 @@ Public API; everything not listed here is private and free to change.
 """
 
 from jaxpeft.bind import PeftLayer, PeftLinen, PeftParam, adapters_disabled, apply, peft_layers
+from jaxpeft.checkpoint import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointMismatchError,
+    insert,
+    load_metadata,
+    prune,
+    restore_adapter,
+    save_adapter,
+)
 from jaxpeft.merge import merge, unmerge
 from jaxpeft.methods import LoRA, Site, lora
+from jaxpeft.losses import cross_entropy
+from jaxpeft.optim import decay_mask, masked_weight_decay, multi_lr, state_bytes, tree_bytes, warmup_cosine
+from jaxpeft.train import EarlyStopping, TrainResult, evaluate, fit, make_eval_step, make_train_step
 from jaxpeft.transform import Chain, chain
 from jaxpeft.tree import (
     ParamSummary,
@@ -25,6 +38,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Chain",
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "EarlyStopping",
     "LoRA",
     "ParamSummary",
     "PeftLayer",
@@ -33,18 +50,35 @@ __all__ = [
     "Selector",
     "SelectorError",
     "Site",
+    "TrainResult",
     "adapters_disabled",
     "apply",
     "chain",
     "combine",
+    "cross_entropy",
+    "decay_mask",
+    "evaluate",
     "fingerprint",
+    "fit",
+    "insert",
     "leaves_with_paths",
+    "load_metadata",
     "lora",
+    "make_eval_step",
+    "make_train_step",
     "mask",
+    "masked_weight_decay",
     "merge",
+    "multi_lr",
     "partition",
     "paths",
+    "prune",
+    "restore_adapter",
+    "save_adapter",
     "select",
+    "state_bytes",
     "summary",
+    "tree_bytes",
     "unmerge",
+    "warmup_cosine",
 ]

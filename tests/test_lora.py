@@ -310,3 +310,31 @@ def test_error_raised_before_any_work():
     with pytest.raises(ValueError, match="rank 9"):
         linen_setup(peft)
     assert calls == []
+
+
+@pytest.mark.parametrize(
+    "equation, x_shape, kernel_shape",
+    [
+        ("...i,io->...o", (2, 3, 8), (8, 6)),  # Dense: the 2-D matmul path
+        ("...ab,abcd->...cd", (2, 3, 4, 2), (4, 2, 3, 5)),  # DenseGeneral over two input axes
+        ("btd,dnh->btnh", (2, 3, 8), (8, 2, 4)),  # Einsum with trailing axes
+        ("bdt,dnh->bnth", (2, 8, 3), (8, 2, 4)),  # Einsum with interleaved axes: the einsum path
+    ],
+)
+def test_lora_delta_matches_numpy_einsum(equation, x_shape, kernel_shape):
+    from jaxpeft.methods.lora import lora_delta
+
+    site = jp.Site("layer", "Test", equation, kernel_shape)
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(k1, x_shape)
+    a = jax.random.normal(k2, (*site.in_shape, 3))
+    b = jax.random.normal(k3, (3, *site.out_shape))
+    delta_kernel = np.tensordot(np.asarray(a, np.float64), np.asarray(b, np.float64), axes=1)
+    expected = 0.5 * np.einsum(equation, np.asarray(x, np.float64), delta_kernel)
+    for fn in (lora_delta, jax.jit(lora_delta, static_argnums=(2,))):
+        np.testing.assert_allclose(fn(a, b, site, x, 0.5), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_site_rejects_batch_like_kernel_axes():
+    with pytest.raises(ValueError, match="batch-like"):
+        jp.Site("attn/out", "Einsum", "bnth,nhd->bntd", (2, 4, 8))

@@ -1,0 +1,1 @@
+"""Benchmarks: each bench_*.py is runnable as `python -m benchmarks.<name>` or `jaxpeft bench <name>`."""
