@@ -295,7 +295,10 @@ def dequantize_array(q: QuantizedArray, dtype: Any = None) -> jax.Array:
     """
     if not isinstance(q, QuantizedArray):
         raise TypeError(f"dequantize_array expects a QuantizedArray; got {type(q).__name__}")
-    return _dequantize(q, dtype=np.dtype(q.dtype if dtype is None else dtype))
+    dtype = np.dtype(q.dtype if dtype is None else dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"dequantize_array: dtype must be floating-point (e.g. bfloat16, float32); got {dtype.name}")
+    return _dequantize(q, dtype=dtype)
 
 
 # Jitted so that an eager call compiles one fused program per (shape, scheme, dtype) rather than
