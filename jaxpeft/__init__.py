@@ -3,7 +3,7 @@
 Public API; everything not listed here is private and free to change.
 """
 
-from jaxpeft.bind import PeftLayer, PeftLinen, PeftParam, adapters_disabled, apply, peft_layers
+from jaxpeft.bind import PeftLayer, PeftLinen, PeftParam, adapters_disabled, apply, dequantize, peft_layers, quantize
 from jaxpeft.checkpoint import (
     CheckpointCorruptError,
     CheckpointError,
@@ -17,6 +17,7 @@ from jaxpeft.checkpoint import (
 from jaxpeft.merge import merge, unmerge
 from jaxpeft.methods import LoRA, Site, lora
 from jaxpeft.losses import cross_entropy
+from jaxpeft.quant import QuantizedArray, quant_summary
 from jaxpeft.optim import decay_mask, masked_weight_decay, multi_lr, state_bytes, tree_bytes, warmup_cosine
 from jaxpeft.train import EarlyStopping, TrainResult, evaluate, fit, make_eval_step, make_train_step
 from jaxpeft.transform import Chain, chain
@@ -47,6 +48,7 @@ __all__ = [
     "PeftLayer",
     "PeftLinen",
     "PeftParam",
+    "QuantizedArray",
     "Selector",
     "SelectorError",
     "Site",
@@ -57,6 +59,7 @@ __all__ = [
     "combine",
     "cross_entropy",
     "decay_mask",
+    "dequantize",
     "evaluate",
     "fingerprint",
     "fit",

@@ -15,6 +15,12 @@ from flax import nnx
 
 from jaxpeft.bind.linen import PeftLinen
 from jaxpeft.bind.nnx import PeftLayer, _get, _set, copy_graph, peft_layers
+from jaxpeft.quant import QuantizedArray, dequantize, dequantize_array
+
+
+def _float(kernel: Any) -> Any:
+    # A merged kernel is a float kernel: W + s A B cannot stay on the 4-bit grid.
+    return dequantize_array(kernel) if isinstance(kernel, QuantizedArray) else kernel
 
 
 def _node(tree: Any, path: str) -> Any:
@@ -35,7 +41,7 @@ def _replace(tree: Mapping, parts: list[str], value: Any) -> dict:
 def _merge_linen(peft_model: PeftLinen, params: Mapping) -> dict:
     for placement in peft_model.placements:
         node = _node(params, placement.site.path)
-        kernel = node["kernel"]
+        kernel = _float(node["kernel"])
         names = set()
         for m in placement.methods:
             kernel = m.merge_site({n: node[n] for n in m.param_names}, kernel)
@@ -43,7 +49,7 @@ def _merge_linen(peft_model: PeftLinen, params: Mapping) -> dict:
         merged = {k: v for k, v in node.items() if k not in names}
         merged["kernel"] = kernel
         params = _replace(params, placement.site.path.split("/"), merged)
-    return params
+    return dequantize(params)
 
 
 def _unmerge_linen(peft_model: PeftLinen, merged: Mapping, adapter: Mapping) -> dict:
@@ -64,7 +70,7 @@ def _unmerge_linen(peft_model: PeftLinen, merged: Mapping, adapter: Mapping) -> 
 def _merged_base_layer(layer: PeftLayer, kernel_fn) -> nnx.Module:
     """A copy of ``layer.base_layer`` sharing its Variables except a new kernel."""
     base = nnx.merge(*nnx.split(layer.base_layer))
-    base.kernel = base.kernel.replace(value=kernel_fn(base.kernel.get_value()))
+    base.kernel = base.kernel.replace(value=kernel_fn(_float(base.kernel.get_value())))
     return base
 
 
@@ -76,7 +82,8 @@ def merge(peft_model: Any, params: Any = None) -> Any:
       params: Linen only: the params tree with base and PEFT leaves.
     Returns:
       Linen: a params tree of the base model's structure. NNX: a new module graph with plain
-      layers (the input model keeps working unchanged).
+      layers (the input model keeps working unchanged). Quantized kernels come back as float
+      kernels of their original dtype (a QLoRA model merges into a float model).
     """
     if isinstance(peft_model, PeftLinen):
         if params is None:

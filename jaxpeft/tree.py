@@ -78,8 +78,15 @@ def path_to_str(keypath: Sequence[Any]) -> str:
     return "/".join(parts)
 
 
+def _is_quantized(x: Any) -> bool:
+    from jaxpeft.quant._array import QuantizedArray  # lazy: jaxpeft.quant builds on this module
+
+    return isinstance(x, QuantizedArray)
+
+
 def _default_is_leaf(x: Any) -> bool:
-    return _is_nnx_variable(x)
+    # NNX Variables and quantized weights are kept whole: one path, one leaf.
+    return _is_nnx_variable(x) or _is_quantized(x)
 
 
 def leaves_with_paths(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> list[tuple[str, Any]]:
@@ -241,13 +248,14 @@ def combine(*trees: Any) -> Any:
                 return x
         return None
 
-    return jax.tree.map(pick, *trees, is_leaf=lambda x: x is None or _is_nnx_variable(x))
+    return jax.tree.map(pick, *trees, is_leaf=lambda x: x is None or _default_is_leaf(x))
 
 
 def _shape_dtype(x: Any) -> tuple[tuple[int, ...], str]:
     if _is_nnx_variable(x):
         x = x.get_value()
-    return tuple(np.shape(x)), str(jax.numpy.result_type(x)) if hasattr(x, "dtype") else type(x).__name__
+    dtype = np.dtype(x.dtype).name if hasattr(x, "dtype") else type(x).__name__
+    return tuple(np.shape(x)), dtype
 
 
 def fingerprint(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> dict[str, dict[str, Any]]:

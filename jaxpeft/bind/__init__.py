@@ -11,7 +11,8 @@ import flax
 import jax
 
 from jaxpeft.bind.linen import PeftLinen, apply_linen
-from jaxpeft.bind.nnx import PeftLayer, PeftParam, adapters_disabled, apply_nnx, peft_layers
+from jaxpeft.bind.nnx import PeftLayer, PeftParam, adapters_disabled, apply_nnx, peft_layers, quantize_nnx
+from jaxpeft import quant
 from jaxpeft.transform import Transform
 
 
@@ -46,4 +47,25 @@ def apply(peft: Transform, model: Any, key: jax.Array, *args: Any, params: Any =
     raise TypeError(f"jp.apply expects a flax.linen.Module or a flax.nnx.Module, got {type(model).__name__}")
 
 
-__all__ = ["PeftLayer", "PeftLinen", "PeftParam", "adapters_disabled", "apply", "peft_layers"]
+def quantize(params: Any, *args: Any, **kwargs: Any) -> Any:
+    """4/8-bit base weights: ``jaxpeft.quant.quantize`` on a params tree, or on an NNX model.
+
+    A params tree comes back with ``QuantizedArray`` leaves; an NNX model comes back as a new
+    graph whose selected kernels hold them (the input is untouched). Either then goes through
+    ``jp.apply`` for QLoRA. Arguments are those of ``jaxpeft.quant.quantize`` (``targets``,
+    ``scheme``, ``block_size``, ``double_quant``, ``allow_embeddings``).
+    """
+    if isinstance(params, flax.nnx.Module):
+        return quantize_nnx(params, *args, **kwargs)
+    return quant.quantize(params, *args, **kwargs)
+
+
+def dequantize(params: Any, dtype: Any = None) -> Any:
+    """Float weights back from ``quantize``: a params tree, or a new NNX graph."""
+    if isinstance(params, flax.nnx.Module):
+        graphdef, state = flax.nnx.split(params)
+        return flax.nnx.merge(graphdef, quant.dequantize(state, dtype))
+    return quant.dequantize(params, dtype)
+
+
+__all__ = ["PeftLayer", "PeftLinen", "PeftParam", "adapters_disabled", "apply", "dequantize", "peft_layers", "quantize"]

@@ -19,6 +19,7 @@ import jax
 from flax.core import unfreeze
 
 from jaxpeft.bind.plan import Layer, Placement, plan
+from jaxpeft.bind.quantized import dequantized_kernel, is_quantized
 from jaxpeft.methods.site import Site, dense_general_equation
 from jaxpeft.transform import Transform, methods_of
 
@@ -56,6 +57,17 @@ def _site(module: nn.Module, x: Any) -> tuple[Site | None, str | None]:
         return None, str(e)
 
 
+def _call_base(module: nn.Module, next_fun, call_args: tuple, call_kwargs: dict) -> Any:
+    """Run a layer's own computation; with a quantized kernel, on the dequantized kernel."""
+    kernel = module.get_variable("params", "kernel") if module.has_variable("params", "kernel") else None
+    if not is_quantized(kernel):
+        return next_fun(*call_args, **call_kwargs)
+    own = dict(module.variables["params"])
+    own["kernel"] = dequantized_kernel(kernel, getattr(module, "dtype", None))
+    # The same layer, unbound, applied to explicit params: Flax's own math on the float kernel.
+    return module.clone(parent=None).apply({"params": own}, *call_args, **call_kwargs)
+
+
 def discover(model: nn.Module, params: Any, *args: Any, **kwargs: Any) -> tuple[Layer, ...]:
     """Every module ``model.apply`` calls, with its site where it is a wrappable layer.
 
@@ -71,6 +83,8 @@ def discover(model: nn.Module, params: Any, *args: Any, **kwargs: Any) -> tuple[
             names = tuple(k for k, v in own.items() if not isinstance(v, Mapping))
             site, why = _site(module, call_args[0]) if call_args else (None, "called without an input")
             found[path] = Layer(path, module, bool(names), names, site, why)
+        if context.method_name == "__call__":
+            return _call_base(module, next_fun, call_args, call_kwargs)
         return next_fun(*call_args, **call_kwargs)
 
     def run(p):
@@ -128,17 +142,17 @@ class PeftLinen:
           collections: other variable collections (``batch_stats``, ...).
         """
         variables = {"params": params, **(collections or {})}
-        if not adapters:
-            return self.model.apply(variables, *args, rngs=rngs, method=method, mutable=mutable, **kwargs)
-        by_path = {p.site.path: p for p in self.placements}
+        by_path = {p.site.path: p for p in self.placements} if adapters else {}
 
         def intercept(next_fun, call_args, call_kwargs, context):
-            placement = by_path.get(_module_path(context.module)) if context.method_name == "__call__" else None
-            if placement is None:
+            if context.method_name != "__call__":
                 return next_fun(*call_args, **call_kwargs)
             module = context.module
+            placement = by_path.get(_module_path(module))
+            if placement is None:
+                return _call_base(module, next_fun, call_args, call_kwargs)
             x, rest = call_args[0], call_args[1:]
-            fn = lambda x: next_fun(x, *rest, **call_kwargs)  # noqa: E731
+            fn = lambda x: _call_base(module, next_fun, (x, *rest), call_kwargs)  # noqa: E731
             for m in placement.methods:
                 site_params = {name: module.get_variable("params", name) for name in m.param_names}
                 missing = [name for name, value in site_params.items() if value is None]

@@ -19,6 +19,7 @@ import jax
 from flax import nnx
 
 from jaxpeft.bind.plan import Layer, Placement, plan
+from jaxpeft.bind.quantized import dequantized_kernel, is_quantized
 from jaxpeft.methods.site import Site, dense_general_equation
 from jaxpeft.transform import Transform
 
@@ -90,8 +91,18 @@ class PeftLayer(nnx.Module):
         needs_rng = any(getattr(m, "dropout", 0.0) > 0.0 for m in self.methods)
         self.rngs = nnx.Rngs(dropout=key) if needs_rng else None
 
+    def _base(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        kernel = self.base_layer.kernel.get_value()
+        if not is_quantized(kernel):
+            return self.base_layer(x, *args, **kwargs)
+        # A view of the base layer (same Variables) whose kernel is a new, dequantized Variable:
+        # Flax's own math on the float kernel; the shared Variables are never written.
+        layer = nnx.merge(*nnx.split(self.base_layer))
+        layer.kernel = nnx.Param(dequantized_kernel(kernel, getattr(layer, "dtype", None)))
+        return layer(x, *args, **kwargs)
+
     def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-        fn = lambda x: self.base_layer(x, *args, **kwargs)  # noqa: E731
+        fn = lambda x: self._base(x, *args, **kwargs)  # noqa: E731
         if not self.adapters_enabled:
             return fn(x)
         for m in self.methods:
@@ -128,7 +139,15 @@ def apply_nnx(peft: Transform, model: nnx.Module, key: jax.Array) -> nnx.Module:
       model: an NNX module.
       key: PRNG key for the PEFT parameters and their dropout stream.
     """
-    placements = plan(peft, discover(model), WRAPPABLE)
+    layers = discover(model)
+    placements = plan(peft, layers, WRAPPABLE)
+    # Flax's layers cannot multiply by a quantized kernel: wrap every quantized layer, targeted or not.
+    placed = {p.site.path for p in placements}
+    placements += tuple(
+        Placement(layer.site, ())
+        for layer in layers
+        if layer.site is not None and layer.path not in placed and is_quantized(layer.module.kernel.get_value())
+    )
     new = copy_graph(model)
     keys = jax.random.split(key, len(placements))
     for k, placement in zip(keys, placements):
@@ -149,6 +168,18 @@ def _parts(model: nnx.Module, path: str) -> tuple:
         if _path_str(graph_path) == path:
             return tuple(graph_path)
     raise KeyError(path)
+
+
+def quantize_nnx(model: nnx.Module, **kwargs: Any) -> nnx.Module:
+    """A new graph whose selected kernels are ``QuantizedArray`` Variables; ``model`` is untouched.
+
+    Keyword arguments are those of ``jaxpeft.quant.quantize``. The result runs through
+    ``jp.apply`` (which wraps every quantized layer); Flax's layers alone cannot use it.
+    """
+    from jaxpeft.quant import quantize
+
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, quantize(state, **kwargs))
 
 
 def peft_layers(model: nnx.Module) -> Iterator[tuple[tuple, PeftLayer]]:
