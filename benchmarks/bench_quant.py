@@ -69,7 +69,9 @@ def timed(fns: dict, repeats: int, warmup: int = 2) -> dict[str, dict[str, float
 def storage(layer: dict) -> list[dict]:
     rows = []
     key = jax.random.key(0)
-    weights = {name: jax.random.normal(jax.random.fold_in(key, i), shape) * 0.02 for i, (name, shape) in enumerate(layer.items())}
+    weights = {}
+    for i, (name, shape) in enumerate(layer.items()):
+        weights[name] = jax.random.normal(jax.random.fold_in(key, i), shape) * 0.02
     n = sum(int(np.prod(s)) for s in layer.values())
     for fmt, kwargs in FORMATS.items():
         if kwargs is None:
@@ -183,7 +185,8 @@ def matmul_timings(shapes, token_counts, repeats) -> list[dict]:
                         "vs_bf16_default": v["median_ms"] / default,
                     }
                 )
-            print(f"{d_in}x{d_out} tokens={tokens}: " + ", ".join(f"{k} {v['median_ms']:.1f} ms" for k, v in res.items()), flush=True)
+            summary = ", ".join(f"{k} {v['median_ms']:.1f} ms" for k, v in res.items())
+            print(f"{d_in}x{d_out} tokens={tokens}: {summary}", flush=True)
     return rows
 
 
@@ -231,7 +234,8 @@ def table(payload: dict) -> str:
     out.append("|---|---:|---:|---:|")
     bf16 = next(r for r in payload["storage"] if r["format"] == "bf16")["bytes"]
     for r in payload["storage"]:
-        out.append(f"| {r['format']} | {r['bytes'] / 2**20:.2f} | {r['bits_per_param']:.4f} | {r['bytes'] / bf16:.3f} |")
+        mib, bits, ratio = r["bytes"] / 2**20, r["bits_per_param"], r["bytes"] / bf16
+        out.append(f"| {r['format']} | {mib:.2f} | {bits:.4f} | {ratio:.3f} |")
     out.append("\nBits per parameter are the summed `nbytes` of every child array (codes, scales, "
                "second-level scales, offset) times 8 over the number of original elements.\n")
     mse = payload["mse_normal"]
@@ -244,7 +248,10 @@ def table(payload: dict) -> str:
     out.append("Ratios are against the bf16 matmul with float32 accumulation (XLA:CPU's fast bf16 path, "
                "the one `qmatmul` uses) and against plain `x @ w` in bf16 (which XLA:CPU upcasts to f32).\n")
     out.append("The min-over-min ratio is the least disturbed by other processes on a shared machine.\n")
-    out.append("| kernel | tokens | op | median ms | min ms | / bf16 f32-acc (medians) | / bf16 f32-acc (mins) | / bf16 `x @ w` |")
+    out.append(
+        "| kernel | tokens | op | median ms | min ms | / bf16 f32-acc (medians) | / bf16 f32-acc (mins) "
+        "| / bf16 `x @ w` |"
+    )
     out.append("|---|---:|---|---:|---:|---:|---:|---:|")
     for r in payload["matmul"]:
         out.append(
@@ -252,7 +259,9 @@ def table(payload: dict) -> str:
             f"{r['vs_bf16_f32acc']:.2f} | {r['min_vs_bf16_f32acc']:.2f} | {r['vs_bf16_default']:.2f} |"
         )
     v = payload["variants"]
-    out.append(f"\n## Dequantization layouts tried ({v['kernel']}, {v['tokens']} tokens, NF4 + double quant, bf16 out)\n")
+    out.append(
+        f"\n## Dequantization layouts tried ({v['kernel']}, {v['tokens']} tokens, NF4 + double quant, bf16 out)\n"
+    )
     out.append("| variant | dequantize ms | + matmul ms | / bf16 f32-acc | max diff vs library |")
     out.append("|---|---:|---:|---:|---:|")
     for r in v["rows"]:
@@ -264,7 +273,9 @@ def table(payload: dict) -> str:
         else:
             out.append(f"| {r['variant']} | | {r['with_matmul_median_ms']:.1f} | 1.00 | |")
     qt = payload["quantize_time"]
-    out.append(f"\nQuantizing a {qt['kernel']} bf16 kernel to NF4 + double quant takes {qt['median_ms']:.0f} ms (median).")
+    out.append(
+        f"\nQuantizing a {qt['kernel']} bf16 kernel to NF4 + double quant takes {qt['median_ms']:.0f} ms (median)."
+    )
     la, m = payload["load_average"], payload["machine"]
     out.append(f"\nCPU: {m['cpu']}, nproc {m['nproc']}. Load average (1 min) at start / end: "
                f"{la['start']:.2f} / {la['end']:.2f} (shared machine: other processes may have run).")
@@ -277,8 +288,9 @@ def cpu_model() -> str:
         info = open("/proc/cpuinfo").read()
     except OSError:
         return "unknown"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    lines = info.splitlines()
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
     wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     return f"{name} ({', '.join(wanted)})"
 

@@ -43,7 +43,9 @@ PUBLISHED_NF4 = [
     1.0,
 ]
 # bitsandbytes get_4bit_type("fp4") before normalisation by its max, 12.
-PUBLISHED_FP4_UNNORMALISED = [0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0]
+PUBLISHED_FP4_UNNORMALISED = [
+    0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0
+]
 # Symmetric int4 as documented: code c stands for (c - 8) / 7.
 REFERENCE_INT4 = [(c - 8) / 7 for c in range(16)]
 
@@ -322,9 +324,9 @@ def test_quantized_array_as_jit_argument_and_quantize_under_jit(dtype):
     assert out.dtype == dtype
     # Same values with and without jit, to the rounding of the result dtype: under jit XLA may
     # fuse the double-quant scale reconstruction into a fused multiply-add.
-    np.testing.assert_allclose(
-        np.asarray(out, np.float32), np.asarray(jq.dequantize_array(eager, dtype), np.float32), rtol=1e-2 if dtype == jnp.bfloat16 else 1e-6
-    )
+    rtol = 1e-2 if dtype == jnp.bfloat16 else 1e-6
+    eager_out = jq.dequantize_array(eager, dtype)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(eager_out, np.float32), rtol=rtol)
 
 
 @pytest.mark.parametrize("use_jit", [False, True])

@@ -344,7 +344,10 @@ def qmatmul(x: jax.Array, w: QuantizedArray | jax.Array, dtype: Any = None) -> j
     dtype = np.dtype(x.dtype if dtype is None else dtype)
     kernel = dequantize_array(w, dtype) if isinstance(w, QuantizedArray) else jnp.asarray(w, dtype)
     if x.shape[-1] != kernel.shape[0]:
-        raise ValueError(f"qmatmul: x has {x.shape[-1]} features (shape {x.shape}) but w expects {kernel.shape[0]} (shape {kernel.shape})")
+        raise ValueError(
+            f"qmatmul: x has {x.shape[-1]} features (shape {x.shape}) "
+            f"but w expects {kernel.shape[0]} (shape {kernel.shape})"
+        )
     out = jnp.tensordot(
         x.astype(dtype), kernel, axes=((x.ndim - 1,), (0,)), preferred_element_type=_accumulation_dtype(dtype)
     )
