@@ -96,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     config_desc = {k: str(v) for k, v in vars(config).items()}
     payload = {"machine": machine(), "config": config_desc, "batch": args.batch, "seq": seq, "repeats": repeats,
                "rows": rows}
-    write("lora_vs_full_quick" if args.quick else "lora_vs_full", payload,
+    write("lora_vs_full", payload,
           f"Reference LM ({config.num_layers} layers, d_model {config.d_model}, d_ff {config.d_ff}, vocab "
-          f"{config.vocab_size}), batch {args.batch} x {seq} tokens, AdamW, median of {repeats} steps.\n\n" + table)
+          f"{config.vocab_size}), batch {args.batch} x {seq} tokens, AdamW, median of {repeats} steps.\n\n" + table, save=not args.quick)
     return 0
 
 

@@ -68,11 +68,13 @@ def compiled_memory(fn, *args) -> dict[str, int]:
     return out
 
 
-def write(name: str, payload: dict, table: str) -> None:
-    """``results/<name>.json`` and ``results/<name>.md``."""
+def write(name: str, payload: dict, table: str, save: bool = True) -> None:
+    """Print ``table``; with ``save``, also write ``results/<name>.json`` and ``results/<name>.md``."""
+    print(table)
+    if not save:
+        return
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     m = payload["machine"]
     head = f"# {name}\n\nMeasured {m['date']} on {m['device']} ({m['cpu_count']} cores, {m['platform']}), jax {m['jax']}, flax {m['flax']}.\n\n"
     (RESULTS / f"{name}.md").write_text(head + table + "\n")
-    print(table)

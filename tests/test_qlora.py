@@ -113,3 +113,12 @@ def test_nnx_merge_of_qlora_is_a_float_model(base):
     assert not list(jp.peft_layers(merged))
     assert merged.layers_0.mlp.up.kernel.get_value().dtype == jnp.float32
     np.testing.assert_allclose(merged(X), peft_model(X), rtol=1e-4, atol=1e-4)
+
+
+def test_demo_runs_with_nf4_base(tmp_path, capsys):
+    from jaxpeft.demo.run import main
+
+    code = main(["--steps", "3", "--pretrain-steps", "3", "--cache-dir", str(tmp_path / "cache"), "--quant", "nf4",
+                 "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0 and "QLoRA base: every kernel stored as nf4" in out and "bit-identical = True" in out

@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-cache", action="store_true", help="pretrain the base again even when cached")
     p.add_argument("--out", default=None, help="where to save the adapter (default: a new temporary directory)")
     p.add_argument("--overwrite", action="store_true", help="replace an adapter already saved at --out")
+    p.add_argument("--quant", choices=("none", "nf4", "fp4", "int4", "int8"), default="none",
+                   help="QLoRA: store the base kernels in this format (nf4: 4-bit NormalFloat with double quantization)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.rank <= 0 or args.steps <= 0 or args.pretrain_steps <= 0:
@@ -107,6 +109,16 @@ def pretrain_base(config: LMConfig, args, say) -> dict:
     return result.trainable
 
 
+def quantize_base(base: dict, args, say) -> dict:
+    """The base as LoRA will see it: float, or 4/8-bit kernels for QLoRA (``--quant``)."""
+    if args.quant == "none":
+        return base
+    quantized = jp.quantize(base, scheme=args.quant, block_size=64, double_quant=args.quant != "int8")
+    say(f"\nQLoRA base: every kernel stored as {args.quant}" + (" with double quantization" if args.quant != "int8" else ""))
+    say("  " + "\n  ".join(str(jp.quant_summary(quantized)).splitlines()[-3:]))
+    return quantized
+
+
 def _row(name: str, m: dict[str, float]) -> str:
     return f"  {name:<34} loss {m['loss']:.3f}   ppl {m['ppl']:7.3f}   accuracy {100 * m['accuracy']:5.1f}%"
 
@@ -123,16 +135,19 @@ def main(argv: list[str] | None = None) -> int:
 
     base = pretrain_base(config, args, say)
     base_apply = lambda p, x, rng: model.apply({"params": p}, x)  # noqa: E731
-    before = {d: evaluate(base_apply, base, evals[d]) for d in data.DOMAINS}
 
     peft = jp.lora(args.rank, args.alpha if args.alpha is not None else 2.0 * args.rank, targets=args.targets)
-    peft_model, params = jp.apply(peft, model, jax.random.key(args.seed + 1), evals["recipes"][0]["inputs"], params=base)
+    frozen_base = quantize_base(base, args, say)
+    peft_model, params = jp.apply(peft, model, jax.random.key(args.seed + 1), evals["recipes"][0]["inputs"],
+                                  params=frozen_base)
+    base_only = lambda p, x, rng: peft_model.apply(p, x, adapters=False)  # noqa: E731
+    before = {d: evaluate(base_only, params, evals[d]) for d in data.DOMAINS}  # the (quantized) base
     trainable, frozen = jp.partition(params, peft_model.trainable)
     summary = jp.summary(params, peft_model.trainable)
     schedule = optim.warmup_cosine(args.lr, args.steps)
     opt = optax.adamw(schedule, weight_decay=0.0)
     lora_state = opt.init(trainable)
-    full_state = jax.eval_shape(opt.init, params)  # shapes only: what full fine-tuning would hold
+    full_state = jax.eval_shape(opt.init, base)  # shapes only: what full fine-tuning of the float base holds
     say(f"\nLoRA r={args.rank} on {len(peft_model.placements)} layers matching {args.targets!r}")
     say(f"  trainable parameters: {summary.trainable_params:,} of {summary.total_params:,} "
         f"({100 * summary.trainable_fraction:.2f}%)")
@@ -157,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     # A fresh process would rebuild the base from scratch: do the same here.
     fresh_base = pretrain_base(config, argparse.Namespace(**{**vars(args), "no_cache": False}), lambda *_: None)
     fresh_model, fresh_params = jp.apply(peft, LinenLM(config), jax.random.key(123), evals["recipes"][0]["inputs"],
-                                         params=fresh_base)
+                                         params=quantize_base(fresh_base, args, lambda *_: None))
     adapter, _ = checkpoint.restore_adapter(out, base=fresh_base, config=peft.config())
     restored = checkpoint.insert(fresh_params, adapter)
     restored_apply = lambda p, x, rng: fresh_model.apply(p, x)  # noqa: E731
