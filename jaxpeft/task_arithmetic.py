@@ -135,17 +135,32 @@ def _check_against_base(base: Any, vector: Any, name: str) -> None:
         raise TreeMismatchError(f"{name} has other container types than base: {error}") from error
 
 
-def _check_weights(weights: Any, n: int, where: str) -> list[float]:
+def _check_weights(weights: Any, n: int, where: str) -> list[Any]:
+    """``n`` weights as Python floats (checked finite), or as they are when traced under jit."""
     if weights is None:
         return [1.0] * n
-    if np.ndim(weights) == 0:
-        weights = [weights] * n
-    weights = [float(w) for w in weights]
+    if isinstance(weights, (list, tuple)):
+        weights = list(weights)
+    elif np.ndim(weights) == 0:
+        weights = [weights] * n  # one number for all
+    else:
+        weights = list(weights)  # a 1-D array (possibly traced)
     if len(weights) != n:
         raise ValueError(f"{where}: {len(weights)} weights for {n} task vectors")
-    if not all(math.isfinite(w) for w in weights):
-        raise ValueError(f"{where}: weights must be finite, got {weights}")
-    return weights
+    out = []
+    for w in weights:
+        if isinstance(w, jax.core.Tracer):
+            out.append(w)  # traced under an outer jit: cannot be checked before the work
+            continue
+        w = float(w)
+        if not math.isfinite(w):
+            raise ValueError(f"{where}: weights must be finite, got {weights}")
+        out.append(w)
+    return out
+
+
+def _as_array(values: list[Any]) -> jax.Array:
+    return jnp.stack([jnp.asarray(v, jnp.float32) for v in values])
 
 
 @jax.jit
@@ -179,7 +194,7 @@ def apply_task_vectors(base: Any, vectors: Sequence[Any], weights: Sequence[floa
     weights = _check_weights(weights, len(vectors), "apply_task_vectors")
     for i, v in enumerate(vectors):
         _check_against_base(base, v, f"task vector {i}")
-    return _add_scaled(base, vectors, jnp.asarray(weights, jnp.float32))
+    return _add_scaled(base, vectors, _as_array(weights))
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,7 +394,7 @@ def ties_merge(
     vectors = _check_vectors(vectors, "ties_merge")
     weights = _check_weights(weights, len(vectors), "ties_merge")
     (scaling,) = _check_weights([scaling], 1, "ties_merge (scaling)")
-    return _ties_jit(vectors, jnp.asarray(weights, jnp.float32), jnp.asarray(scaling, jnp.float32), density, scope)
+    return _ties_jit(vectors, _as_array(weights), _as_array([scaling])[0], density, scope)
 
 
 _METHODS = ("sum", "ties")
@@ -431,8 +446,8 @@ def merge_task_vectors(
         _check_key(key, "merge_task_vectors")
         keys = jax.random.split(key, len(vectors))
         vectors = [_dare_jit(v, k, drop_rate) for v, k in zip(vectors, keys)]
-    w = jnp.asarray(weights, jnp.float32)
-    s = jnp.asarray(scaling, jnp.float32)
+    w = _as_array(weights)
+    s = _as_array([scaling])[0]
     if method == "ties":
         return _ties_jit(vectors, w, s, density, scope)
     return _sum_jit(vectors, w, s, density, scope)
@@ -522,7 +537,7 @@ def _plan_adapters(adapters, weights, configs, combination, rank):
         ranks = {c.rank for c in configs}
         if len(ranks) != 1:
             raise ValueError(f"{where}: 'linear' needs adapters of one rank, got ranks {[c.rank for c in configs]}")
-        negative = [i for i, (w, s) in enumerate(zip(weights, scales)) if w * s < 0]
+        negative = [i for i, (w, s) in enumerate(zip(weights, scales)) if isinstance(w, float) and w * s < 0]
         if negative:
             raise ValueError(
                 f"{where}: 'linear' scales A and B by sqrt(weight * scale) (as HF PEFT does), which needs "
@@ -531,6 +546,14 @@ def _plan_adapters(adapters, weights, configs, combination, rank):
         new_rank = configs[0].rank
     elif combination == "cat":
         new_rank = sum(c.rank for c in configs)
+        for p, (ins, outs) in shapes.items():
+            limit = min(math.prod(ins), math.prod(outs))
+            if new_rank > limit:
+                raise ValueError(
+                    f"{where}: 'cat' gives rank {new_rank} (the sum of the ranks), above min(d_in, d_out) = "
+                    f"{limit} at {p!r}, which LoRA refuses; use combination='svd' with rank={limit}: exact "
+                    "there, since no [d_in, d_out] delta has a higher rank"
+                )
     else:
         new_rank = max(c.rank for c in configs) if rank is None else rank
         if not isinstance(new_rank, int) or isinstance(new_rank, bool) or new_rank < 1:
@@ -568,7 +591,7 @@ def _combine_site(factors, weights, scales, ranks, combination, new_rank, in_sha
         b = jnp.zeros((new_rank, d_out), dtype)
         for f, w, s in zip(factors, weights, scales):
             if f is not None:
-                c = math.sqrt(w * s)
+                c = jnp.sqrt(jnp.asarray(w * s, dtype))
                 a = a + c * f["lora_a"].astype(dtype).reshape(d_in, new_rank)
                 b = b + c * f["lora_b"].astype(dtype).reshape(new_rank, d_out)
     else:
