@@ -3,7 +3,19 @@
 Public API; everything not listed here is private and free to change.
 """
 
-from jaxpeft.bind import PeftLayer, PeftLinen, PeftParam, adapters_disabled, apply, dequantize, peft_layers, quantize
+from jaxpeft.adapters import add_adapter, adapter_names, delete_adapter
+from jaxpeft.bind import (
+    PeftLayer,
+    PeftLinen,
+    PeftParam,
+    adapters_disabled,
+    apply,
+    dequantize,
+    mixed_adapters,
+    peft_layers,
+    quantize,
+    use_adapters,
+)
 from jaxpeft.checkpoint import (
     CheckpointCorruptError,
     CheckpointError,
@@ -53,12 +65,15 @@ __all__ = [
     "SelectorError",
     "Site",
     "TrainResult",
+    "adapter_names",
     "adapters_disabled",
+    "add_adapter",
     "apply",
     "chain",
     "combine",
     "cross_entropy",
     "decay_mask",
+    "delete_adapter",
     "dequantize",
     "evaluate",
     "fingerprint",
@@ -72,6 +87,7 @@ __all__ = [
     "mask",
     "masked_weight_decay",
     "merge",
+    "mixed_adapters",
     "multi_lr",
     "partition",
     "paths",
@@ -83,5 +99,6 @@ __all__ = [
     "summary",
     "tree_bytes",
     "unmerge",
+    "use_adapters",
     "warmup_cosine",
 ]

@@ -11,7 +11,16 @@ import flax
 import jax
 
 from jaxpeft.bind.linen import PeftLinen, apply_linen
-from jaxpeft.bind.nnx import PeftLayer, PeftParam, adapters_disabled, apply_nnx, peft_layers, quantize_nnx
+from jaxpeft.bind.nnx import (
+    PeftLayer,
+    PeftParam,
+    adapters_disabled,
+    apply_nnx,
+    mixed_adapters,
+    peft_layers,
+    quantize_nnx,
+    use_adapters,
+)
 from jaxpeft import quant
 from jaxpeft.transform import Transform
 
@@ -68,4 +77,15 @@ def dequantize(params: Any, dtype: Any = None) -> Any:
     return quant.dequantize(params, dtype)
 
 
-__all__ = ["PeftLayer", "PeftLinen", "PeftParam", "adapters_disabled", "apply", "dequantize", "peft_layers", "quantize"]
+__all__ = [
+    "PeftLayer",
+    "PeftLinen",
+    "PeftParam",
+    "adapters_disabled",
+    "apply",
+    "dequantize",
+    "mixed_adapters",
+    "peft_layers",
+    "quantize",
+    "use_adapters",
+]

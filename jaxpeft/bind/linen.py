@@ -20,6 +20,7 @@ from flax.core import unfreeze
 
 from jaxpeft.bind.plan import Layer, Placement, plan
 from jaxpeft.bind.quantized import dequantized_kernel, is_quantized
+from jaxpeft.bind.select import Adapters, adapter_of, check_mixed, mixed_call, resolve
 from jaxpeft.methods.site import Site, dense_general_equation
 from jaxpeft.transform import Transform, methods_of
 
@@ -109,25 +110,33 @@ class PeftLinen:
 
     Attributes:
       model: the user's Linen module, unchanged.
-      peft: the transform.
+      peft: the transform (a chain when adapters were added).
       placements: which methods sit at which site.
+      layers: every module the model calls, as discovered (for adding adapters later).
     """
 
     model: nn.Module
     peft: Transform
     placements: tuple[Placement, ...]
+    layers: tuple[Layer, ...] = ()
 
     @property
     def trainable(self):
         """Selector of the PEFT leaves (``jp.partition(params, peft_model.trainable)``)."""
         return self.peft.trainable
 
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """The adapters bound to this model, in order of first appearance."""
+        return tuple(dict.fromkeys(adapter_of(m) for p in self.placements for m in p.methods))
+
     def apply(
         self,
         params: Any,
         *args: Any,
         rngs: Any = None,
-        adapters: bool = True,
+        adapters: Adapters = True,
+        adapter_ids: jax.Array | None = None,
         collections: Mapping[str, Any] | None = None,
         method: Any = None,
         mutable: Any = False,
@@ -138,35 +147,60 @@ class PeftLinen:
         Args:
           params: the ``params`` collection: base and PEFT leaves in one tree.
           rngs: as for ``model.apply``; a ``"dropout"`` key turns LoRA dropout on.
-          adapters: False runs the base model alone (same params, no rebuild).
+          adapters: which adapters run: True (all), False (the base model alone, same params, no
+            rebuild), a name, or a list of names.
+          adapter_ids: int ``[batch]``: a mixed-adapter batch, example ``i`` running adapter
+            ``adapters[adapter_ids[i]]`` (LoRA adapters; the first axis of each layer input is the batch).
           collections: other variable collections (``batch_stats``, ...).
         """
         variables = {"params": params, **(collections or {})}
-        by_path = {p.site.path: p for p in self.placements} if adapters else {}
+        if adapter_ids is not None:
+            names = check_mixed(adapters, adapter_ids, self.adapter_names)
+            active = frozenset(names)
+        else:
+            active = resolve(adapters, self.adapter_names)
+        by_path = {p.site.path: p for p in self.placements}
 
         def intercept(next_fun, call_args, call_kwargs, context):
             if context.method_name != "__call__":
                 return next_fun(*call_args, **call_kwargs)
             module = context.module
             placement = by_path.get(_module_path(module))
-            if placement is None:
+            methods = [m for m in placement.methods if adapter_of(m) in active] if placement else []
+            if not methods:
                 return _call_base(module, next_fun, call_args, call_kwargs)
             x, rest = call_args[0], call_args[1:]
             fn = lambda x: _call_base(module, next_fun, (x, *rest), call_kwargs)  # noqa: E731
-            for m in placement.methods:
+
+            def params_of(m):
                 site_params = {name: module.get_variable("params", name) for name in m.param_names}
                 missing = [name for name, value in site_params.items() if value is None]
                 if missing:
                     raise KeyError(f"params lack {missing} at {placement.site.path!r}: were they dropped or renamed?")
+                return site_params
+
+            if adapter_ids is not None:
+                return mixed_call(methods, params_of, placement.site, x, fn, names, adapter_ids)
+            for m in methods:
                 wants_rng = getattr(m, "dropout", 0.0) > 0.0 and module.has_rng("dropout")
                 rng = module.make_rng("dropout") if wants_rng else None
-                fn = functools.partial(m.apply_site, site_params, placement.site, base_fn=fn, rng=rng)
+                fn = functools.partial(m.apply_site, params_of(m), placement.site, base_fn=fn, rng=rng)
             return fn(x)
 
         with nn.intercept_methods(intercept):
             return self.model.apply(variables, *args, rngs=rngs, method=method, mutable=mutable, **kwargs)
 
     __call__ = apply
+
+
+def init_params(placements: tuple[Placement, ...], key: jax.Array, params: dict) -> dict:
+    """``params`` with every placed method's new leaves added (a new tree; base arrays shared)."""
+    pairs = [(p.site, m) for p in placements for m in p.methods]
+    new = params
+    for k, (site, method) in zip(jax.random.split(key, len(pairs)), pairs):
+        for name, value in method.init_site(k, site).items():
+            new = _set_leaf(new, (*site.path.split("/"), name), value)
+    return new
 
 
 def apply_linen(
@@ -189,12 +223,6 @@ def apply_linen(
     params = unfreeze(params) if not isinstance(params, dict) else params
     if isinstance(params, dict) and set(params) == {"params"}:
         raise ValueError("pass the 'params' collection itself, not the variables dict {'params': ...}")
-    placements = plan(peft, discover(model, params, *args, **kwargs), WRAPPABLE)
-
-    pairs = [(p.site, m) for p in placements for m in p.methods]
-    keys = jax.random.split(peft_key, len(pairs))
-    new = params
-    for k, (site, method) in zip(keys, pairs):
-        for name, value in method.init_site(k, site).items():
-            new = _set_leaf(new, (*site.path.split("/"), name), value)
-    return PeftLinen(model, peft, placements), new
+    layers = discover(model, params, *args, **kwargs)
+    placements = plan(peft, layers, WRAPPABLE)
+    return PeftLinen(model, peft, placements, layers), init_params(placements, peft_key, params)

@@ -20,6 +20,7 @@ from flax import nnx
 
 from jaxpeft.bind.plan import Layer, Placement, plan
 from jaxpeft.bind.quantized import dequantized_kernel, is_quantized
+from jaxpeft.bind.select import Adapters, adapter_of, check_mixed, mixed_call, resolve
 from jaxpeft.methods.site import Site, dense_general_equation
 from jaxpeft.transform import Transform
 
@@ -58,12 +59,20 @@ def _site(path: str, module: nnx.Module) -> tuple[Site | None, str | None]:
 
 
 def discover(model: nnx.Module) -> tuple[Layer, ...]:
-    """Every module in the graph, with its site where it is a wrappable layer."""
+    """Every module in the graph, with its site where it is a wrappable layer.
+
+    A ``PeftLayer`` already in the graph counts as its base layer (so more adapters can be
+    added to it), with its PEFT leaves among the names it holds.
+    """
     layers = []
     for path, node in nnx.iter_graph(model):
-        if not isinstance(node, nnx.Module) or not path:
+        if not isinstance(node, nnx.Module) or not path or path[-1] == "base_layer":
             continue
         names = tuple(k for k, v in vars(node).items() if isinstance(v, nnx.Variable))
+        if isinstance(node, PeftLayer):
+            base_names = tuple(k for k, v in vars(node.base_layer).items() if isinstance(v, nnx.Variable))
+            layers.append(Layer(_path_str(path), node.base_layer, True, base_names + names, node.site, None))
+            continue
         site, why = _site(_path_str(path), node)
         layers.append(Layer(_path_str(path), node, bool(names), names, site, why))
     return tuple(layers)
@@ -76,20 +85,37 @@ class PeftLayer(nnx.Module):
       base_layer: the original layer (its Variables are the base model's).
       site: the layer as the methods see it.
       methods: the methods, in chain order.
-      adapters_enabled: False runs ``base_layer`` alone.
+      active_adapters: names of the adapters that run (None: all); see ``jp.use_adapters``.
+      mixed_adapters: with ``adapter_ids``, a mixed-adapter batch; see ``jp.mixed_adapters``.
       deterministic: True turns dropout off (``model.eval()`` sets it, as for ``nnx.Dropout``).
     """
 
     def __init__(self, base_layer: nnx.Module, placement: Placement, params: dict[str, jax.Array], key: jax.Array):
         self.base_layer = base_layer
         self.site = placement.site
-        self.methods = placement.methods
+        self.methods = ()
+        self.active_adapters = None
+        self.mixed_adapters = None
+        self.adapter_ids = nnx.data(None)
+        self.deterministic = False
+        self.rngs = None
+        self.add(placement.methods, params, key)
+
+    def add(self, methods: tuple, params: dict[str, jax.Array], key: jax.Array) -> None:
+        """Put more methods (and their leaves) on this layer; used while building a new graph."""
+        self.methods = self.methods + tuple(methods)
         for name, value in params.items():
             setattr(self, name, PeftParam(value))
-        self.adapters_enabled = True
-        self.deterministic = False
-        needs_rng = any(getattr(m, "dropout", 0.0) > 0.0 for m in self.methods)
-        self.rngs = nnx.Rngs(dropout=key) if needs_rng else None
+        if self.rngs is None and any(getattr(m, "dropout", 0.0) > 0.0 for m in self.methods):
+            self.rngs = nnx.Rngs(dropout=key)
+
+    def remove(self, adapter: str) -> None:
+        """Take the methods of ``adapter`` (and their leaves) off this layer."""
+        for m in self.methods:
+            if adapter_of(m) == adapter:
+                for name in m.param_names:
+                    delattr(self, name)
+        self.methods = tuple(m for m in self.methods if adapter_of(m) != adapter)
 
     def _base(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
         kernel = self.base_layer.kernel.get_value()
@@ -103,13 +129,15 @@ class PeftLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
         fn = lambda x: self._base(x, *args, **kwargs)  # noqa: E731
-        if not self.adapters_enabled:
-            return fn(x)
+        params_of = lambda m: {name: getattr(self, name).get_value() for name in m.param_names}  # noqa: E731
+        if self.mixed_adapters is not None:
+            return mixed_call(self.methods, params_of, self.site, x, fn, self.mixed_adapters, self.adapter_ids)
         for m in self.methods:
-            params = {name: getattr(self, name).get_value() for name in m.param_names}
+            if self.active_adapters is not None and adapter_of(m) not in self.active_adapters:
+                continue
             use_rng = self.rngs is not None and not self.deterministic and getattr(m, "dropout", 0.0) > 0.0
             rng = self.rngs.dropout() if use_rng else None
-            fn = functools.partial(m.apply_site, params, self.site, base_fn=fn, rng=rng)
+            fn = functools.partial(m.apply_site, params_of(m), self.site, base_fn=fn, rng=rng)
         return fn(x)
 
 
@@ -134,6 +162,9 @@ def copy_graph(model: nnx.Module) -> nnx.Module:
 def apply_nnx(peft: Transform, model: nnx.Module, key: jax.Array) -> nnx.Module:
     """Bind ``peft`` to an NNX ``model``; return a new model (the input is left as it is).
 
+    ``model`` may already hold ``PeftLayer``s (from an earlier ``jp.apply``): the new methods
+    join them, which is how named adapters are added.
+
     Args:
       peft: a transform or chain.
       model: an NNX module.
@@ -146,19 +177,23 @@ def apply_nnx(peft: Transform, model: nnx.Module, key: jax.Array) -> nnx.Module:
     placements += tuple(
         Placement(layer.site, ())
         for layer in layers
-        if layer.site is not None and layer.path not in placed and is_quantized(layer.module.kernel.get_value())
+        if layer.site is not None
+        and layer.path not in placed
+        and is_quantized(layer.module.kernel.get_value())
+        and not isinstance(_get(model, _parts(model, layer.path)), PeftLayer)
     )
     new = copy_graph(model)
-    keys = jax.random.split(key, len(placements))
-    for k, placement in zip(keys, placements):
+    for k, placement in zip(jax.random.split(key, max(len(placements), 1)), placements):
         parts = _parts(model, placement.site.path)
         init_key, dropout_key = jax.random.split(k)
-        method_keys = jax.random.split(init_key, len(placement.methods))
         params = {}
-        for mk, m in zip(method_keys, placement.methods):
+        for mk, m in zip(jax.random.split(init_key, max(len(placement.methods), 1)), placement.methods):
             params.update(m.init_site(mk, placement.site))
-        parent = _get(new, parts[:-1])
-        _set(parent, parts[-1], PeftLayer(_get(new, parts), placement, params, dropout_key))
+        target = _get(new, parts)
+        if isinstance(target, PeftLayer):
+            target.add(placement.methods, params, dropout_key)
+        else:
+            _set(_get(new, parts[:-1]), parts[-1], PeftLayer(target, placement, params, dropout_key))
     return new
 
 
@@ -190,14 +225,51 @@ def peft_layers(model: nnx.Module) -> Iterator[tuple[tuple, PeftLayer]]:
 
 
 @contextlib.contextmanager
-def adapters_disabled(model: nnx.Module) -> Iterator[nnx.Module]:
-    """Within the block, every ``PeftLayer`` of ``model`` runs its base layer alone."""
+def _setting(model: nnx.Module, **values: Any) -> Iterator[nnx.Module]:
     layers = [layer for _, layer in peft_layers(model)]
-    before = [layer.adapters_enabled for layer in layers]
+    before = [{k: getattr(layer, k) for k in values} for layer in layers]
     for layer in layers:
-        layer.adapters_enabled = False
+        for k, v in values.items():
+            setattr(layer, k, v)
     try:
         yield model
     finally:
-        for layer, flag in zip(layers, before):
-            layer.adapters_enabled = flag
+        for layer, old in zip(layers, before):
+            for k, v in old.items():
+                setattr(layer, k, v)
+
+
+def adapter_names(model: nnx.Module) -> tuple[str, ...]:
+    """The adapters bound to an NNX model, in order of first appearance."""
+    return tuple(dict.fromkeys(adapter_of(m) for _, layer in peft_layers(model) for m in layer.methods))
+
+
+def use_adapters(model: nnx.Module, adapters: Adapters) -> contextlib.AbstractContextManager:
+    """Within the block, only ``adapters`` run (True: all, False: none, a name or a list of names)."""
+    active = resolve(adapters, adapter_names(model))
+    return _setting(model, active_adapters=active)
+
+
+def adapters_disabled(model: nnx.Module) -> contextlib.AbstractContextManager:
+    """Within the block, every ``PeftLayer`` of ``model`` runs its base layer alone."""
+    return use_adapters(model, False)
+
+
+def mixed_adapters(model: nnx.Module, adapters: Adapters, adapter_ids: jax.Array) -> contextlib.AbstractContextManager:
+    """Within the block, example ``i`` of a batch runs adapter ``adapters[adapter_ids[i]]`` (LoRA).
+
+    Usable inside ``nnx.jit`` (enter it in the jitted function, with ``adapter_ids`` an argument).
+    """
+    names = check_mixed(adapters, adapter_ids, adapter_names(model))
+    return _setting(model, mixed_adapters=names, adapter_ids=adapter_ids)
+
+
+def delete_adapter_nnx(model: nnx.Module, adapter: str) -> nnx.Module:
+    """A new graph without ``adapter``; layers left with nothing to do are unwrapped."""
+    resolve([adapter], adapter_names(model))
+    new = copy_graph(model)
+    for path, layer in list(peft_layers(new)):
+        layer.remove(adapter)
+        if not layer.methods and not is_quantized(layer.base_layer.kernel.get_value()):
+            _set(_get(new, path[:-1]), path[-1], layer.base_layer)
+    return new

@@ -8,7 +8,7 @@ method cannot wrap, ranks, two methods claiming one leaf) before any parameter i
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jaxpeft.methods.site import Site
@@ -45,14 +45,18 @@ class Placement:
     methods: tuple[Transform, ...]
 
 
-def plan(peft: Transform, layers: Sequence[Layer], wrappable: str) -> tuple[Placement, ...]:
+def plan(
+    peft: Transform, layers: Sequence[Layer], wrappable: str, existing: Mapping[str, Sequence[str]] | None = None
+) -> tuple[Placement, ...]:
     """Where each method goes; raises before any work when something does not fit.
 
     Args:
       peft: a transform or chain.
       layers: every module of the model, from the binding.
       wrappable: the layer types the binding wraps, for messages.
+      existing: leaf names PEFT methods already hold at a path (adding an adapter to a bound model).
     """
+    existing = existing or {}
     methods = methods_of(peft)
     by_path: dict[str, list[Transform]] = {}
     for method in methods:
@@ -79,6 +83,6 @@ def plan(peft: Transform, layers: Sequence[Layer], wrappable: str) -> tuple[Plac
     for layer in layers:
         if layer.path in by_path:
             chosen = tuple(by_path.pop(layer.path))
-            check_claims(layer.site, chosen, existing=layer.param_names)
+            check_claims(layer.site, chosen, existing=(*layer.param_names, *existing.get(layer.path, ())))
             placements.append(Placement(layer.site, chosen))
     return tuple(placements)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -50,6 +51,8 @@ class LoRA:
       init: ``"kaiming_uniform"`` (A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)), the HF PEFT default) or
         ``"gaussian"`` (A ~ N(0, 1/r^2)); B is zero either way, so the model starts as the base.
       param_dtype: dtype of ``lora_a`` / ``lora_b`` (float32 by default, also over bf16 bases).
+      adapter: the adapter's name. ``"default"`` keeps the leaves ``lora_a`` / ``lora_b``; any other
+        name gives ``lora_a@name`` / ``lora_b@name``, so several adapters live on one base.
     """
 
     rank: int = 8
@@ -59,9 +62,9 @@ class LoRA:
     dropout: float = 0.0
     init: str = "kaiming_uniform"
     param_dtype: str = "float32"
+    adapter: str = "default"
 
     name: ClassVar[str] = "lora"
-    param_names: ClassVar[tuple[str, ...]] = ("lora_a", "lora_b")
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
@@ -70,6 +73,8 @@ class LoRA:
             raise ValueError(f"LoRA alpha must be a finite number, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.adapter, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.adapter):
+            raise ValueError(f"LoRA adapter name must be letters, digits, '_', '.' or '-'; got {self.adapter!r}")
         if self.init not in INITS:
             raise ValueError(f"LoRA init must be one of {INITS}, got {self.init!r}")
         object.__setattr__(self, "targets", _freeze_selector(self.targets))
@@ -81,9 +86,20 @@ class LoRA:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
     @property
+    def param_names(self) -> tuple[str, str]:
+        """The leaf names this adapter adds at each site: ``(A, B)``."""
+        suffix = "" if self.adapter == "default" else f"@{self.adapter}"
+        return f"lora_a{suffix}", f"lora_b{suffix}"
+
+    @property
     def trainable(self) -> Selector:
-        """Selector of this method's leaves in a parameter tree."""
-        return r"(^|/)lora_(a|b)$"
+        """Selector of this adapter's leaves in a parameter tree."""
+        a, b = (re.escape(n) for n in self.param_names)
+        return rf"(^|/)({a}|{b})$"
+
+    def _factors(self, params: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        a, b = self.param_names
+        return params[a], params[b]
 
     def config(self) -> dict[str, Any]:
         """A JSON-serialisable description (saved with adapter checkpoints)."""
@@ -101,6 +117,7 @@ class LoRA:
             "dropout": self.dropout,
             "init": self.init,
             "param_dtype": self.param_dtype,
+            "adapter": self.adapter,
         }
 
     def check_site(self, site: Site) -> None:
@@ -113,7 +130,7 @@ class LoRA:
             )
 
     def init_site(self, key: jax.Array, site: Site) -> dict[str, jax.Array]:
-        """``{"lora_a": [*in_shape, r], "lora_b": [r, *out_shape]}``; B = 0 (LoRA sec. 4.1)."""
+        """``{A: [*in_shape, r], B: [r, *out_shape]}`` under ``param_names``; B = 0 (LoRA sec. 4.1)."""
         dtype = jnp.dtype(self.param_dtype)
         a_shape = (*site.in_shape, self.rank)
         if self.init == "kaiming_uniform":
@@ -122,7 +139,7 @@ class LoRA:
         else:
             lora_a = jax.random.normal(key, a_shape, dtype) / self.rank
         lora_b = jnp.zeros((self.rank, *site.out_shape), dtype)
-        return {"lora_a": lora_a, "lora_b": lora_b}
+        return dict(zip(self.param_names, (lora_a, lora_b)))
 
     def apply_site(
         self,
@@ -136,23 +153,22 @@ class LoRA:
         """``base_fn(x) + s * dropout(x) A B``.
 
         Args:
-          params: this site's ``lora_a`` / ``lora_b``.
+          params: this site's A and B, under ``param_names``.
           x: ``[..., *in_shape]`` (as the base layer's equation reads it).
           base_fn: the base layer's computation (or the next method's).
           rng: dropout key; ``None`` means no dropout (evaluation).
         """
         y = base_fn(x)
-        return y + lora_delta(params["lora_a"], params["lora_b"], site, x, self.scale, self.dropout, rng).astype(
-            y.dtype
-        )
+        lora_a, lora_b = self._factors(params)
+        return y + lora_delta(lora_a, lora_b, site, x, self.scale, self.dropout, rng).astype(y.dtype)
 
     def merge_site(self, params: Mapping[str, jax.Array], kernel: jax.Array) -> jax.Array:
         """``W + s A B`` in the kernel's dtype."""
-        return (kernel + self.scale * lora_product(params["lora_a"], params["lora_b"])).astype(kernel.dtype)
+        return (kernel + self.scale * lora_product(*self._factors(params))).astype(kernel.dtype)
 
     def unmerge_site(self, params: Mapping[str, jax.Array], kernel: jax.Array) -> jax.Array:
         """``W - s A B``: the inverse of ``merge_site``."""
-        return (kernel - self.scale * lora_product(params["lora_a"], params["lora_b"])).astype(kernel.dtype)
+        return (kernel - self.scale * lora_product(*self._factors(params))).astype(kernel.dtype)
 
 
 def lora_product(lora_a: jax.Array, lora_b: jax.Array) -> jax.Array:
@@ -208,6 +224,7 @@ def lora(
     dropout: float = 0.0,
     init: str = "kaiming_uniform",
     param_dtype: str = "float32",
+    adapter: str = "default",
 ) -> LoRA:
     """A LoRA transform. ``alpha`` defaults to ``rank`` (scale 1).
 
@@ -223,4 +240,51 @@ def lora(
         dropout=dropout,
         init=init,
         param_dtype=param_dtype,
+        adapter=adapter,
     )
+
+
+def lora_delta_mixed(
+    factors: list[tuple[jax.Array, jax.Array] | None],
+    scales: list[float],
+    adapter_ids: jax.Array,
+    site: Site,
+    x: jax.Array,
+) -> jax.Array:
+    """Per-example LoRA updates: example ``i`` uses adapter ``adapter_ids[i]`` (a gathered A and B).
+
+    Adapters of different ranks are zero-padded to the largest rank (exact: the padded rank
+    directions contribute nothing); ``None`` stands for "no LoRA of that adapter here" (zero update).
+
+    Args:
+      factors: per adapter, ``(A: [*in_shape, r_k], B: [r_k, *out_shape])`` or None.
+      scales: per adapter, its ``alpha / r``.
+      adapter_ids: int ``[batch]``, indices into ``factors``.
+      site: the layer; its input axes must be trailing and its output axes trailing.
+      x: ``[batch, ..., *in_shape]``.
+    Returns:
+      ``[batch, ..., *out_shape]``.
+    """
+    lhs, _, out = parse_equation(site.equation)
+    rest = "".join(c for c in lhs if c not in site.in_labels)
+    if not (lhs.endswith(site.in_labels) and out == rest + site.out_labels):
+        raise ValueError(f"mixed-adapter batches need trailing input and output axes; {site.path!r} has {site.equation!r}")
+    present = [f for f in factors if f is not None]
+    rank = max(a.shape[-1] for a, _ in present)
+    dtype = jnp.result_type(x.dtype, *(a.dtype for a, _ in present))
+    a_stack, b_stack = [], []
+    for f in factors:
+        a, b = f if f is not None else (jnp.zeros((site.in_features, 0), dtype), jnp.zeros((0, site.out_features), dtype))
+        a = a.reshape(site.in_features, -1).astype(dtype)
+        b = b.reshape(-1, site.out_features).astype(dtype)
+        a_stack.append(jnp.pad(a, ((0, 0), (0, rank - a.shape[1]))))
+        b_stack.append(jnp.pad(b, ((0, rank - b.shape[0]), (0, 0))))
+    batch = x.shape[0]
+    if adapter_ids.shape != (batch,):
+        raise ValueError(f"adapter_ids must be [batch] = [{batch}] at {site.path!r}; got shape {adapter_ids.shape}")
+    x3 = x.astype(dtype).reshape(batch, -1, site.in_features)
+    a = jnp.stack(a_stack)[adapter_ids]  # [batch, d_in, r]
+    b = jnp.stack(b_stack)[adapter_ids]  # [batch, r, d_out]
+    s = jnp.asarray(scales, dtype)[adapter_ids]
+    y = jnp.einsum("btr,bro->bto", jnp.einsum("bti,bir->btr", x3, a), b) * s[:, None, None]
+    return y.reshape(*x.shape[: x.ndim - len(site.in_labels)], *site.out_shape)
