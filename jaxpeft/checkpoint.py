@@ -29,7 +29,6 @@ import math
 import os
 import pathlib
 import shutil
-import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -352,6 +351,121 @@ def _sha256(a: np.ndarray) -> str:
     return hashlib.sha256(a.tobytes()).hexdigest()
 
 
+# --------------------------------------------------------------------------------------------
+# A layout-independent checksum, computable on sharded arrays without gathering them
+# --------------------------------------------------------------------------------------------
+#
+# sha256 needs the bytes in order on one host. For an array spread over several hosts (or to
+# check a restore onto another mesh without gathering), each leaf also gets "sum64": two
+# position-weighted sums of its little-endian 32-bit words, modulo 2**32,
+#
+#   s1 = sum_i (fmix(i) | 1) * w_i        s2 = sum_i (fmix(i + GOLDEN) | 1) * fmix(w_i + i)
+#
+# with i the word's flat C-order index and fmix MurmurHash3's 32-bit finalizer. Integer
+# addition modulo 2**32 is associative and commutative, so XLA may reduce the shards in any
+# order on any mesh and get the same value; the weights are odd, so any change to one word
+# changes s1. It detects damaged files; it is not a cryptographic hash (sha256 remains that,
+# wherever an array is fully addressable).
+
+_CHECKSUM_KIND = "sum64"
+_FMIX_1, _FMIX_2, _GOLDEN = 0x85EBCA6B, 0xC2B2AE35, 0x9E3779B9
+
+
+def _fmix32(h: Any) -> Any:
+    """MurmurHash3 fmix32 on uint32 arrays (numpy or jax; both wrap modulo 2**32)."""
+    h = h ^ (h >> 16)
+    h = h * np.uint32(_FMIX_1)
+    h = h ^ (h >> 13)
+    h = h * np.uint32(_FMIX_2)
+    return h ^ (h >> 16)
+
+
+def _sums_to_str(s1: int, s2: int) -> str:
+    return f"{_CHECKSUM_KIND}:{int(s1):08x}{int(s2):08x}"
+
+
+def _host_checksum(a: np.ndarray) -> str:
+    """``sum64`` of a host array (C-order little-endian bytes, as ``_host_array`` gives)."""
+    a = _host_array(a).reshape(-1)
+    if a.dtype == np.bool_:
+        words = a.view(np.uint8).astype(np.uint32)
+    elif a.dtype.itemsize == 1:
+        words = a.view(np.uint8).astype(np.uint32)
+    elif a.dtype.itemsize == 2:
+        words = a.view("<u2").astype(np.uint32)
+    else:
+        words = a.view("<u4")
+    index = (np.arange(words.size, dtype=np.uint64) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    with np.errstate(over="ignore"):
+        w1 = _fmix32(index) | np.uint32(1)
+        w2 = _fmix32(index + np.uint32(_GOLDEN)) | np.uint32(1)
+        s1 = np.sum(w1 * words, dtype=np.uint32)
+        s2 = np.sum(w2 * _fmix32(words + index), dtype=np.uint32)
+    return _sums_to_str(s1, s2)
+
+
+def _device_words(x: jax.Array) -> jax.Array:
+    """The little-endian 32-bit words of ``x``: shape ``x.shape`` or ``(*x.shape, words_per_item)``."""
+    dtype = np.dtype(x.dtype)
+    bitcast = jax.lax.bitcast_convert_type
+    if dtype == np.bool_:
+        return x.astype(jnp.uint32)
+    if dtype.kind == "c":  # complex: the real part's words, then the imaginary part's, as in memory
+        parts = [_device_words(part).reshape(*x.shape, -1) for part in (jnp.real(x), jnp.imag(x))]
+        return jnp.concatenate(parts, axis=-1)
+    if dtype.itemsize == 1:
+        return bitcast(x, jnp.uint8).astype(jnp.uint32)
+    if dtype.itemsize == 2:
+        return bitcast(x, jnp.uint16).astype(jnp.uint32)
+    return bitcast(x, jnp.uint32)  # 8-byte items gain a trailing axis of 2 words, low word first
+
+
+def _device_sums(x: jax.Array) -> jax.Array:
+    """``[s1, s2]`` uint32 of one array, computed where its shards live (no reshape, no gather)."""
+    words = _device_words(x)
+    index = jnp.zeros(words.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(words.ndim)):  # the flat C-order index, modulo 2**32
+        iota = jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis)
+        index = index + iota * jnp.uint32(stride % 2**32)
+        stride *= words.shape[axis]
+    w1 = _fmix32(index) | jnp.uint32(1)
+    w2 = _fmix32(index + jnp.uint32(_GOLDEN)) | jnp.uint32(1)
+    s1 = jnp.sum(w1 * words, dtype=jnp.uint32)
+    s2 = jnp.sum(w2 * _fmix32(words + index), dtype=jnp.uint32)
+    return jnp.stack([s1, s2])
+
+
+@jax.jit
+def _device_sums_all(arrays: list[jax.Array]) -> list[jax.Array]:
+    return [_device_sums(x) for x in arrays]
+
+
+def _fetch(x: jax.Array) -> np.ndarray:
+    # The sums are replicated; on several hosts, each holds a full copy of them.
+    return np.asarray(x.addressable_data(0)) if not x.is_fully_addressable else np.asarray(x)
+
+
+def _checksums(values: Sequence[Any]) -> list[str]:
+    """``sum64`` of each array: host arrays on the host, jax arrays on their own devices.
+
+    One jitted call per set of devices (a call cannot mix devices), however many leaves.
+    """
+    out: list[str | None] = [None] * len(values)
+    groups: dict[Any, list[int]] = {}
+    for i, v in enumerate(values):
+        if isinstance(v, jax.Array) and v.size:
+            groups.setdefault(frozenset(v.sharding.device_set), []).append(i)
+        else:
+            out[i] = _host_checksum(np.asarray(v))
+    for indices in groups.values():
+        sums = _device_sums_all([values[i] for i in indices])
+        for i, s in zip(indices, sums):
+            s1, s2 = _fetch(s)
+            out[i] = _sums_to_str(s1, s2)
+    return out  # type: ignore[return-value]
+
+
 def _array_key(index: int) -> str:
     return f"leaf_{index:05d}"
 
@@ -383,11 +497,21 @@ def _validate_metadata(meta: Any, file: pathlib.Path) -> dict:
         raise bad("lists no leaves")
     for i, leaf in enumerate(meta["leaves"]):
         need = {
-            "path": str, "keys": list, "shape": list, "dtype": str, "sha256": str, "array": (str, type(None)),
+            "path": str,
+            "keys": list,
+            "shape": list,
+            "dtype": str,
+            "sha256": (str, type(None)),  # None: the array was spread over several hosts
+            "checksum": (str, type(None)),  # absent in checkpoints of jaxpeft 0.1.0 before sharding
+            "array": (str, type(None)),
         }
         for field, types in need.items():
             if not isinstance(leaf, dict) or not isinstance(leaf.get(field), types):
+                if field == "checksum" and isinstance(leaf, dict) and field not in leaf:
+                    continue
                 raise bad(f"leaf entry {i} has no valid {field!r}: {leaf!r}")
+        if leaf["sha256"] is None and leaf.get("checksum") is None:
+            raise bad(f"leaf entry {i} ({leaf['path']!r}) has neither a sha256 nor a checksum")
         plain = all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in leaf["keys"])
         if not plain or not leaf["keys"]:
             raise bad(f"leaf entry {i} ({leaf['path']!r}) has invalid keys {leaf['keys']!r}")
@@ -437,8 +561,13 @@ def load_metadata(directory: str | os.PathLike) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _write_arrays(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
-    """One orbax PyTree checkpoint at ``path``, synchronously (``Checkpointer``, not async)."""
+def _write_arrays(path: pathlib.Path, arrays: dict[str, Any]) -> None:
+    """One orbax PyTree checkpoint at ``path``, synchronously (``Checkpointer``, not async).
+
+    Values are numpy arrays (written by the primary host) or jax arrays, which orbax writes
+    shard by shard from the devices holding them (each shard once, by the host that holds its
+    first replica): a sharded array is never gathered onto one device or one host.
+    """
     import orbax.checkpoint as ocp
 
     with ocp.PyTreeCheckpointer() as checkpointer:
@@ -454,33 +583,74 @@ def _stored_arrays(path: pathlib.Path) -> dict[str, Any]:
     return dict(tree)
 
 
-def _read_arrays(path: pathlib.Path, only: str | None = None) -> dict[str, np.ndarray]:
-    """The arrays of the orbax checkpoint at ``path`` (or just the one named ``only``), as numpy.
+def _read_arrays(
+    path: pathlib.Path, only: str | None = None, shardings: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The arrays of the orbax checkpoint at ``path`` (or just the one named ``only``).
 
-    Restoring as numpy ignores the devices / sharding the arrays were saved from, so a checkpoint
-    written on 8 GPUs restores on a laptop. (A ``shardings`` argument for device placement at
-    restore time belongs here.) Every stored array is asked for by name: orbax's
-    ``partial_restore`` silently hands back the placeholder for a name that is not stored.
+    An array named in ``shardings`` is read as a ``jax.Array`` with that sharding: each device
+    reads its own shard from the files, whatever mesh wrote them. Every other array is read as
+    numpy, which ignores the devices it was saved from. Every stored array is asked for by name:
+    orbax's ``partial_restore`` silently hands back the placeholder for a name that is not stored.
     """
     import orbax.checkpoint as ocp
 
+    shardings = shardings or {}
     stored = _stored_arrays(path)
+
+    def args(name: str) -> Any:
+        if name in shardings:
+            return ocp.ArrayRestoreArgs(
+                sharding=shardings[name], global_shape=tuple(stored[name].shape), dtype=stored[name].dtype
+            )
+        return ocp.RestoreArgs(restore_type=np.ndarray)
+
     with ocp.PyTreeCheckpointer() as checkpointer:
         if only is None:
-            restore_args = {n: ocp.RestoreArgs(restore_type=np.ndarray) for n in stored}
+            restore_args = {n: args(n) for n in stored}
             return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
         item = {only: jax.ShapeDtypeStruct(stored[only].shape, stored[only].dtype)}
-        restore_args = {only: ocp.RestoreArgs(restore_type=np.ndarray)}
         return checkpointer.restore(
-            path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+            path, args=ocp.args.PyTreeRestore(item=item, restore_args={only: args(only)}, partial_restore=True)
         )
 
 
-def _read_checked(directory: pathlib.Path, meta: Mapping[str, Any]) -> list[tuple[Keys, np.ndarray]]:
-    """Every leaf of the checkpoint, read and checked against its metadata (shape, dtype, sha256)."""
+def _check_leaf(leaf: Mapping[str, Any], value: Any, checksum: str | None) -> str | None:
+    """Why ``value`` is not the array ``leaf`` describes (None: it is).
+
+    sha256 is checked wherever the whole array is on this host (numpy, or a fully addressable
+    jax array, whose host copy is made only for hashing); the ``sum64`` checksum, computed where
+    the shards live, is checked whenever the metadata has one.
+    """
+    dtype, shape = jnp.dtype(leaf["dtype"]), tuple(leaf["shape"])
+    if tuple(value.shape) != shape or np.dtype(value.dtype) != dtype:
+        return f"{leaf['path']}: stored {tuple(value.shape)} {np.dtype(value.dtype)}, metadata says {shape} {dtype}"
+    whole = not isinstance(value, jax.Array) or value.is_fully_addressable
+    if leaf["sha256"] is not None and whole:
+        digest = _sha256(_host_array(value))
+        if digest != leaf["sha256"]:
+            return f"{leaf['path']}: sha256 {digest[:16]}... is not the saved {leaf['sha256'][:16]}..."
+    if leaf.get("checksum") is not None and checksum != leaf["checksum"]:
+        return f"{leaf['path']}: checksum {checksum} is not the saved {leaf['checksum']}"
+    if leaf.get("checksum") is None and not whole:
+        warnings.warn(
+            f"{leaf['path']}: not verified (a checkpoint without a sum64 checksum, restored onto "
+            "devices of several hosts)",
+            stacklevel=4,
+        )
+    return None
+
+
+def _read_checked(
+    directory: pathlib.Path, meta: Mapping[str, Any], shardings: Mapping[str, Any] | None = None
+) -> list[tuple[Keys, Any]]:
+    """Every leaf of the checkpoint, read and checked against its metadata (shape, dtype, sha256,
+    checksum). ``shardings`` (by leaf path) places leaves on devices as they are read."""
     leaves = meta["leaves"]
+    shardings = shardings or {}
     names = [leaf["array"] for leaf in leaves if leaf["array"] is not None]
-    arrays: dict[str, np.ndarray] = {}
+    by_name = {leaf["array"]: shardings[leaf["path"]] for leaf in leaves if leaf["path"] in shardings}
+    arrays: dict[str, Any] = {}
     if names:
         arrays_dir = directory / ARRAYS_DIR
         if not arrays_dir.is_dir():
@@ -488,32 +658,38 @@ def _read_checked(directory: pathlib.Path, meta: Mapping[str, Any]) -> list[tupl
                 f"{directory}: {ARRAYS_DIR}/ is missing ({len(names)} stored leaves expected)"
             )
         try:
-            arrays = _read_arrays(arrays_dir)
+            arrays = _read_arrays(arrays_dir, shardings=by_name)
         except Exception as whole:  # noqa: BLE001 - orbax / tensorstore raise many types
             raise CheckpointCorruptError(
                 f"cannot read the arrays of {directory}: {_failing_leaves(arrays_dir, leaves)}; "
                 f"orbax said: {type(whole).__name__}: {str(whole)[:500]}"
             ) from whole
-    out, bad = [], []
+    values, bad = [], []
     for leaf in leaves:
         dtype, shape = jnp.dtype(leaf["dtype"]), tuple(leaf["shape"])
         if leaf["array"] is None:  # orbax refuses zero-size arrays; only the shape was stored
             a = np.zeros(shape, dtype)
+            if leaf["path"] in shardings:
+                a = jax.device_put(a, shardings[leaf["path"]])
         elif leaf["array"] not in arrays:
             bad.append(f"{leaf['path']}: array {leaf['array']!r} missing from {ARRAYS_DIR}/")
             continue
         else:
-            a = _host_array(arrays[leaf["array"]])
-        if a.shape != shape or a.dtype != dtype:
-            bad.append(f"{leaf['path']}: stored {a.shape} {a.dtype}, metadata says {shape} {dtype}")
-        elif _sha256(a) != leaf["sha256"]:
-            bad.append(f"{leaf['path']}: sha256 {_sha256(a)[:16]}... is not the saved {leaf['sha256'][:16]}...")
+            a = arrays[leaf["array"]]
+            a = a if isinstance(a, jax.Array) else _host_array(a)
+        values.append((leaf, a))
+    sums = _checksums([a for leaf, a in values if leaf.get("checksum") is not None])
+    out = []
+    for leaf, a in values:
+        problem = _check_leaf(leaf, a, sums.pop(0) if leaf.get("checksum") is not None else None)
+        if problem:
+            bad.append(problem)
         else:
             out.append((tuple(leaf["keys"]), a))
     if bad:
         raise CheckpointCorruptError(
             f"{directory}: {len(bad)} of {len(leaves)} adapter leaves do not match their saved shape, "
-            "dtype or sha256 (the files were changed or damaged after they were written):\n" + _capped(bad)
+            "dtype or checksum (the files were changed or damaged after they were written):\n" + _capped(bad)
         )
     return out
 
@@ -541,12 +717,12 @@ def _failing_leaves(arrays_dir: pathlib.Path, leaves: Sequence[Mapping[str, Any]
     return "unreadable leaves: " + ", ".join(failing[:_MAX_LISTED]) + more
 
 
-def _verify(directory: pathlib.Path, meta: Mapping[str, Any]) -> None:
+def _verify(directory: pathlib.Path, meta: Mapping[str, Any], shardings: Mapping[str, Any] | None = None) -> None:
     """Read a freshly written checkpoint back and check it, before it is moved into place."""
     file = _metadata_path(directory)
     if _validate_metadata(json.loads(file.read_text(encoding="utf-8")), file) != meta:
         raise CheckpointCorruptError(f"{file} does not read back as it was written")
-    _read_checked(directory, meta)
+    _read_checked(directory, meta, shardings)
 
 
 def _fsync_dir(path: pathlib.Path) -> None:
@@ -599,11 +775,6 @@ def save_adapter(
         JSON data, the adapter has no array leaf. All checked before anything is written.
     """
     directory = pathlib.Path(directory).absolute()
-    if jax.process_count() > 1:
-        raise NotImplementedError(
-            f"save_adapter runs on one process; this is process {jax.process_index()} of "
-            f"{jax.process_count()}. Multi-host adapter checkpoints are not supported yet."
-        )
     items, holes = _leaf_items(adapter)
     if not items:
         raise ValueError(
@@ -632,19 +803,26 @@ def save_adapter(
             )
 
     leaves_meta, arrays, num_bytes = [], {}, 0
-    for i, (keys, leaf) in enumerate(items):
-        a = _host_array(leaf)
-        name = _array_key(i) if a.size else None
+    values = [leaf if isinstance(leaf, jax.Array) else _host_array(leaf) for _, leaf in items]
+    checksums = _checksums(values)  # on the devices holding each array: no gather
+    for i, ((keys, _), value, checksum) in enumerate(zip(items, values, checksums)):
+        shape, dtype = tuple(value.shape), np.dtype(value.dtype)
+        size = math.prod(shape)
+        name = _array_key(i) if size else None
         if name is not None:
-            arrays[name] = a
-        num_bytes += a.nbytes
+            arrays[name] = value  # a jax array goes to orbax as it is, shards and all
+        num_bytes += size * dtype.itemsize
+        whole = not isinstance(value, jax.Array) or value.is_fully_addressable
         leaves_meta.append(
             {
                 "path": _path(keys),
                 "keys": list(keys),
-                "shape": list(a.shape),
-                "dtype": str(a.dtype),
-                "sha256": _sha256(a),
+                "shape": list(shape),
+                "dtype": str(dtype),
+                # The bytes in C order on this host: only where every shard is local. The host
+                # copy exists only for the hash (an adapter is small); orbax writes the shards.
+                "sha256": _sha256(_host_array(value)) if whole else None,
+                "checksum": checksum,
                 "array": name,
             }
         )
@@ -658,40 +836,78 @@ def save_adapter(
         "num_bytes": num_bytes,
         "leaves": leaves_meta,
     }
+    # Several hosts: verify by reading each spread-out array back onto its own devices.
+    spread = {
+        leaf["path"]: value.sharding
+        for leaf, value in zip(leaves_meta, values)
+        if isinstance(value, jax.Array) and not value.is_fully_addressable and leaf["array"] is not None
+    }
 
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:12]
+    # Every process runs this function; one (the primary) creates, writes JSON and renames,
+    # all of them write their own shards through orbax, with a barrier between the steps.
+    primary = jax.process_index() == 0
+    token = _shared_token()
     tmp = directory.parent / f".{directory.name}{_TMP_TAG}{token}"
     old = directory.parent / f".{directory.name}{_OLD_TAG}{token}"
     try:
-        tmp.mkdir()
+        if primary:
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+        _sync(f"created {tmp}")
         if arrays:
             _write_arrays(tmp / ARRAYS_DIR, arrays)
-        with open(_metadata_path(tmp), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1)  # one-space indent: readable, not huge
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        _verify(tmp, meta)
-        if directory.exists() and not overwrite:  # created by someone else while we were writing
-            raise FileExistsError(f"{directory} appeared while saving; pass overwrite=True to replace it")
-        if directory.exists():
-            os.rename(directory, old)
-            try:
-                os.rename(tmp, directory)
-            except BaseException:
-                os.rename(old, directory)
-                raise
+        if primary:
+            with open(_metadata_path(tmp), "w", encoding="utf-8") as f:
+                json.dump(meta, f, indent=1)  # one-space indent: readable, not huge
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(tmp)
+        _sync(f"written {tmp}")
+        if spread:
+            _verify(tmp, meta, spread)
         else:
-            os.rename(tmp, directory)
-        _fsync_dir(directory.parent)
+            _verify(tmp, meta)
+        _sync(f"verified {tmp}")
+        if primary:
+            if directory.exists() and not overwrite:  # created by someone else while we were writing
+                raise FileExistsError(f"{directory} appeared while saving; pass overwrite=True to replace it")
+            if directory.exists():
+                os.rename(directory, old)
+                try:
+                    os.rename(tmp, directory)
+                except BaseException:
+                    os.rename(old, directory)
+                    raise
+            else:
+                os.rename(tmp, directory)
+            _fsync_dir(directory.parent)
+        _sync(f"renamed {tmp}")
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if old.exists():
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if primary and old.exists():
         shutil.rmtree(old, ignore_errors=True)
         if old.exists():
             warnings.warn(f"saved {directory}, but could not delete the replaced one at {old}", stacklevel=2)
     return directory
+
+
+def _shared_token() -> str:
+    """A random name for the temporary directory, the same on every process."""
+    raw = np.frombuffer(os.urandom(8), np.uint32)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        raw = np.asarray(multihost_utils.broadcast_one_to_all(raw))
+    return "".join(f"{int(x):08x}" for x in raw)[:12]
+
+
+def _sync(name: str) -> None:
+    """A barrier across processes (nothing on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"jaxpeft.save_adapter: {name}")
 
 
 def restore_adapter(
@@ -699,6 +915,7 @@ def restore_adapter(
     *,
     base: Any = None,
     config: Mapping[str, Any] | None = None,
+    shardings: Any = None,
 ) -> tuple[dict, dict]:
     """Read an adapter checkpoint, check it, and return ``(adapter, metadata)``.
 
@@ -709,10 +926,18 @@ def restore_adapter(
         the fingerprint, so the pristine base, the frozen part and the full params all match.
       config: refuse to restore unless it equals the saved config (after JSON normalisation,
         tuples == lists).
+      shardings: where to put the leaves: one ``jax.sharding.Sharding`` for every leaf, or a
+        tree of them whose paths are exactly the adapter's (``jp.shardings(trainable_specs,
+        mesh)``, ``None`` holes allowed; an NNX State of Variables holding shardings works too).
+        Each device reads only its own shard from the files, whatever mesh saved them (8 devices
+        to 2, to 1, ...). Checked before any array is read: a missing or extra path, or a
+        sharding that does not divide a saved shape, raises ``CheckpointMismatchError`` naming
+        the path, the mesh axis and the sizes.
 
     Returns:
       ``adapter``: nested dicts keyed by the saved path components (``prune(adapter)`` at save
-      time), leaves as jax arrays on the default device with the saved dtypes, bit-identical.
+      time), leaves as jax arrays with the saved dtypes, bit-identical: laid out by
+      ``shardings``, or on the default device.
       A 64-bit leaf while ``jax_enable_x64`` is off stays a numpy array rather than being
       truncated. ``metadata``: as ``load_metadata``. Put the adapter into full params with
       ``insert(params, adapter)`` (Linen) or ``nnx.update(model, adapter)`` (NNX).
@@ -728,14 +953,56 @@ def restore_adapter(
         _check_base(meta, base, directory)
     if config is not None:
         _check_config(meta, config, directory)
-    items = _read_checked(directory, meta)
+    placed = _leaf_shardings(shardings, meta, directory)
+    items = _read_checked(directory, meta, placed)
 
-    def to_device(a: np.ndarray) -> Any:
+    def to_device(a: Any) -> Any:
+        if isinstance(a, jax.Array):
+            return a
         if jax.dtypes.canonicalize_dtype(a.dtype) != a.dtype:
             return a
         return jax.device_put(a)
 
     return _nest([(keys, to_device(a)) for keys, a in items]), meta
+
+
+def _leaf_shardings(shardings: Any, meta: Mapping[str, Any], directory: pathlib.Path) -> dict[str, Any]:
+    """``{leaf path: Sharding}`` from ``restore_adapter``'s ``shardings``, checked against the saved leaves."""
+    from jax.sharding import NamedSharding, Sharding
+
+    from jaxpeft.sharding import spec_problems
+
+    if shardings is None:
+        return {}
+    saved = {leaf["path"]: leaf for leaf in meta["leaves"]}
+    if isinstance(shardings, Sharding):
+        given = {p: shardings for p in saved}
+    else:
+        given = {}
+        for p, s in _tree.leaves_with_paths(shardings, is_leaf=lambda x: isinstance(x, Sharding)):
+            s = _variable_value(s) if _is_nnx_variable(s) else s
+            if s is not None:
+                given[p] = s
+    problems = [f"{p}: saved {_describe(saved[p])}, no sharding given" for p in saved if p not in given]
+    problems += [f"{p}: a sharding for a leaf the adapter does not have" for p in given if p not in saved]
+    for p, s in given.items():
+        if p not in saved:
+            continue
+        shape = tuple(saved[p]["shape"])
+        if not isinstance(s, Sharding):
+            problems.append(f"{p}: expected a jax.sharding.Sharding, got {type(s).__name__}")
+        elif isinstance(s, NamedSharding):
+            problems += spec_problems(p, s.spec, dict(s.mesh.shape), shape)
+        else:
+            try:
+                s.shard_shape(shape)
+            except Exception as e:  # noqa: BLE001 - jax raises several types for this
+                problems.append(f"{p}: {s} cannot hold the saved shape {shape}: {e}")
+    if problems:
+        raise CheckpointMismatchError(
+            f"the shardings do not fit the adapter at {directory} ({len(saved)} leaves):\n" + _capped(problems)
+        )
+    return given
 
 
 def insert(params: Any, adapter: Any) -> Any:
