@@ -383,7 +383,8 @@ def _stored(m: Any) -> Any:
         return None
     if m is False:
         return jnp.zeros((), bool)
-    return jnp.asarray(m, bool)
+    # A copy: make_train_step donates the optimizer state, which would delete the caller's mask.
+    return jnp.array(m, bool, copy=True)
 
 
 def masked_updates(
@@ -465,7 +466,8 @@ def rewind(params: Any, mask: Any, early_params: Any) -> Any:
       early_params: the parameters at the step to rewind to (step 0 for the original ticket).
 
     Returns:
-      ``apply_mask(early_params, mask)``.
+      ``apply_mask(early_params, mask)`` in new buffers (nothing shared with ``early_params``, so
+      a train step may donate the ticket).
 
     Raises:
       ValueError: ``early_params`` or ``mask`` differ from ``params`` in structure, shape or dtype.
@@ -488,7 +490,9 @@ def rewind(params: Any, mask: Any, early_params: Any) -> Any:
                 f"rewind: early_params at {path_to_str(keypath)!r} is {jnp.result_type(e)}{list(np.shape(e))}, "
                 f"the parameter {jnp.result_type(x)}{list(np.shape(x))}"
             )
-    return apply_mask(early_params, mask)
+    # Fresh buffers: training the ticket donates it, which must not delete early_params' leaves.
+    return jax.tree.map(lambda m, e: jnp.array(_zero_where_pruned(m, e), copy=True), mask, early_params,
+                        is_leaf=lambda x: x is None)
 
 
 def iterative_magnitude_pruning(
@@ -528,7 +532,8 @@ def iterative_magnitude_pruning(
     mask = magnitude_mask(params, 0.0, targets=targets, scope=scope)
     current, achieved = params, []
     for r in range(1, rounds + 1):
-        trained = train_fn(current, mask)
+        # A copy: train_fn may donate what it gets, and round 1's parameters are early_params.
+        trained = train_fn(jax.tree.map(lambda x: jnp.array(x, copy=True), current), mask)
         target = 1.0 - (1.0 - sparsity) ** (r / rounds)
         if r == rounds or math.isclose(target, sparsity):
             target = sparsity
