@@ -14,7 +14,8 @@ from typing import Any
 from flax import nnx
 
 from jaxpeft.bind.linen import PeftLinen
-from jaxpeft.bind.nnx import PeftLayer, _get, _set, copy_graph, peft_layers
+from jaxpeft.bind.nnx import PeftLayer, _get, _set, adapter_names, copy_graph, peft_layers
+from jaxpeft.bind.select import Adapters, adapter_of, resolve
 from jaxpeft.quant import QuantizedArray, dequantize, dequantize_array
 
 
@@ -38,13 +39,14 @@ def _replace(tree: Mapping, parts: list[str], value: Any) -> dict:
     return out
 
 
-def _merge_linen(peft_model: PeftLinen, params: Mapping) -> dict:
+def _merge_linen(peft_model: PeftLinen, params: Mapping, active: frozenset[str]) -> dict:
     for placement in peft_model.placements:
         node = _node(params, placement.site.path)
         kernel = _float(node["kernel"])
         names = set()
         for m in placement.methods:
-            kernel = m.merge_site({n: node[n] for n in m.param_names}, kernel)
+            if adapter_of(m) in active:
+                kernel = m.merge_site({n: node[n] for n in m.param_names}, kernel)
             names.update(m.param_names)
         merged = {k: v for k, v in node.items() if k not in names}
         merged["kernel"] = kernel
@@ -74,12 +76,13 @@ def _merged_base_layer(layer: PeftLayer, kernel_fn) -> nnx.Module:
     return base
 
 
-def merge(peft_model: Any, params: Any = None) -> Any:
-    """Fold every PEFT update into its base kernel.
+def merge(peft_model: Any, params: Any = None, *, adapters: Adapters = True) -> Any:
+    """Fold PEFT updates into their base kernels.
 
     Args:
       peft_model: a ``PeftLinen`` (then ``params`` is required) or an NNX model from ``jp.apply``.
       params: Linen only: the params tree with base and PEFT leaves.
+      adapters: which named adapters to fold in (True: all); the others are dropped.
     Returns:
       Linen: a params tree of the base model's structure. NNX: a new module graph with plain
       layers (the input model keeps working unchanged). Quantized kernels come back as float
@@ -88,16 +91,18 @@ def merge(peft_model: Any, params: Any = None) -> Any:
     if isinstance(peft_model, PeftLinen):
         if params is None:
             raise TypeError("merge(PeftLinen, params): params are required for a Linen model")
-        return _merge_linen(peft_model, params)
+        return _merge_linen(peft_model, params, resolve(adapters, peft_model.adapter_names))
     if isinstance(peft_model, nnx.Module):
         if params is not None:
             raise TypeError("merge(nnx_model): an NNX model holds its own parameters; pass no params")
+        active = resolve(adapters, adapter_names(peft_model))
         new = copy_graph(peft_model)
         for path, layer in list(peft_layers(new)):
 
             def fold(kernel, layer=layer):
                 for m in layer.methods:
-                    kernel = m.merge_site({n: getattr(layer, n).get_value() for n in m.param_names}, kernel)
+                    if adapter_of(m) in active:
+                        kernel = m.merge_site({n: getattr(layer, n).get_value() for n in m.param_names}, kernel)
                 return kernel
 
             _set(_get(new, path[:-1]), path[-1], _merged_base_layer(layer, fold))

@@ -150,3 +150,11 @@ def test_lora_delta_mixed_pads_ranks_exactly():
              2: 2.0 * np.asarray(a2, np.float64) @ np.asarray(b2, np.float64)}  # adapter 1: no LoRA here
     expected = np.stack([x64[i] @ dense[int(k)] for i, k in enumerate(ids)])
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_selected_adapters(linen_two_adapters):
+    model, base, fr, de, peft_model, params = linen_two_adapters
+    merged = jp.merge(peft_model, params, adapters="de")
+    assert not any("lora" in p for p in jp.paths(merged))
+    np.testing.assert_allclose(model.apply({"params": merged}, X), peft_model.apply(params, X, adapters="de"),
+                               rtol=1e-5, atol=1e-5)
