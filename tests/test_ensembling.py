@@ -421,15 +421,16 @@ def test_output_ensemble_equals_numpy_average(mode, jit):
 
 
 @JIT
-@pytest.mark.parametrize("mode", ["logits", "probs"])
-def test_adapter_ensemble_vmaps_over_adapters(lora_setup, mode, jit):
+@pytest.mark.parametrize("mode,strategy", [("logits", "vmap"), ("probs", "vmap"), ("probs", "loop")])
+def test_adapter_ensemble_equals_numpy_average(lora_setup, mode, strategy, jit):
     _, _, _, peft_model, params = lora_setup
     trainable, frozen = jp.partition(params, peft_model.trainable)
     adapters = [wise_ft_adapter(trainable, a) for a in (0.2, 1.0, -0.7)]
     outs = [np.asarray(peft_model.apply(jp.combine(a, frozen), X), np.float64) for a in adapters]
     if mode == "probs":
         outs = [_softmax(o) for o in outs]
-    predict = adapter_ensemble(lambda a, f, x: peft_model.apply(jp.combine(a, f), x), mode=mode, jit=jit)
+    predict = adapter_ensemble(lambda a, f, x: peft_model.apply(jp.combine(a, f), x), mode=mode, strategy=strategy,
+                               jit=jit)
     np.testing.assert_allclose(predict(adapters, frozen, X), np.mean(outs, axis=0), rtol=1e-5, atol=1e-6)
 
 
@@ -445,6 +446,9 @@ def test_ensembles_refuse_bad_input():
         predict([1.0, 1.0], X)
     with pytest.raises(ValueError, match="1 params for 2 members"):
         predict([1.0], X)
-    ens = adapter_ensemble(lambda a, f, x: x * a["s"])
-    with pytest.raises(TreeMismatchError):
-        ens([{"s": jnp.ones(())}, {"t": jnp.ones(())}], None, X)
+    for strategy in ("vmap", "loop"):
+        ens = adapter_ensemble(lambda a, f, x: x * a["s"], strategy=strategy)
+        with pytest.raises(TreeMismatchError):
+            ens([{"s": jnp.ones(())}, {"t": jnp.ones(())}], None, X)
+    with pytest.raises(ValueError, match="strategy"):
+        adapter_ensemble(lambda a, f, x: x, strategy="pmap")

@@ -415,3 +415,30 @@ def test_combined_adapter_in_a_real_model_equals_dense_weighted_sum():
         )
     expected = model.apply({"params": jax.tree.map(lambda t: jnp.asarray(t, jnp.float32), dense)}, x)
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_nnx_adapter_states_combine_and_load_back():
+    from flax import nnx
+
+    from jaxpeft.ensembling import wise_ft_adapter
+    from jaxpeft.models import NnxLM
+
+    model = NnxLM(jp.models.LMConfig.tiny(), rngs=nnx.Rngs(0))
+    configs = [jp.lora(2, 4, targets="attn/query$"), jp.lora(4, 4, targets="attn/query$")]
+    states = []
+    for i, config in enumerate(configs):
+        _, state, _ = nnx.split(jp.apply(config, model, jax.random.key(i)), jp.PeftParam, ...)
+        states.append(jax.tree.map(lambda x: x + 0.1, state))  # B != 0
+    combined, config = add_weighted_adapters(states, [0.7, -0.3], configs, combination="cat")
+    site = "layers_1/attn/query"
+    expected = sum(w * _delta(nnx.to_pure_dict(s), site, c.scale) for s, c, w in zip(states, configs, [0.7, -0.3]))
+    np.testing.assert_allclose(_delta(combined, site), expected, rtol=1e-5, atol=1e-6)
+    new = jp.apply(config, model, jax.random.key(5))
+    _, state, _ = nnx.split(new, jp.PeftParam, ...)
+    nnx.replace_by_pure_dict(state, combined)
+    nnx.update(new, state)
+    np.testing.assert_array_equal(new.layers_1.attn.query.lora_b.get_value(), _site(combined, site)["lora_b"])
+    # WiSE-FT of the update works on the State as well
+    half = wise_ft_adapter(states[0], 0.5)
+    np.testing.assert_allclose(nnx.to_pure_dict(half)["layers_0"]["attn"]["query"]["lora_b"],
+                               0.5 * np.asarray(nnx.to_pure_dict(states[0])["layers_0"]["attn"]["query"]["lora_b"]))
