@@ -114,13 +114,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--save", default=None, help="save the adapter here (default: a temporary directory)")
     p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (TPU pods)")
+    p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0, where nothing finds it (CPU)")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
     return p.parse_args(argv)
+
+
+def initialize(args: argparse.Namespace) -> None:
+    """``jax.distributed.initialize``: on TPU pods (and SLURM, ...) it finds everything itself."""
+    if args.coordinator is None:
+        jax.distributed.initialize()
+        return
+    # CPU devices of several processes talk through gloo (the setting only concerns the CPU backend).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.distributed:
-        jax.distributed.initialize()
+    if args.distributed or args.coordinator:
+        initialize(args)
     say = print if jax.process_index() == 0 else (lambda *a, **k: None)
     sizes = parse_mesh(args.mesh)
     mesh = make_mesh(sizes)
