@@ -15,6 +15,7 @@ from flax import nnx
 
 from jaxpeft.bind.linen import PeftLinen
 from jaxpeft.bind.nnx import PeftLayer, _get, _set, adapter_names, copy_graph, peft_layers
+from jaxpeft.bind.plan import SHARED
 from jaxpeft.bind.select import Adapters, adapter_of, resolve
 from jaxpeft.quant import QuantizedArray, dequantize, dequantize_array
 
@@ -39,41 +40,54 @@ def _replace(tree: Mapping, parts: list[str], value: Any) -> dict:
     return out
 
 
+def _layer_base(node: Mapping) -> dict:
+    return {k: node[k] for k in ("kernel", "bias") if k in node}
+
+
 def _merge_linen(peft_model: PeftLinen, params: Mapping, active: frozenset[str]) -> dict:
     for placement in peft_model.placements:
         node = _node(params, placement.site.path)
-        kernel = _float(node["kernel"])
+        base = {**_layer_base(node), "kernel": _float(node["kernel"])}
         names = set()
         for m in placement.methods:
             if adapter_of(m) in active:
-                kernel = m.merge_site({n: node[n] for n in m.param_names}, kernel)
+                base = m.merge_site({n: node[n] for n in m.param_names}, base)
             names.update(m.param_names)
         merged = {k: v for k, v in node.items() if k not in names}
-        merged["kernel"] = kernel
+        merged.update(base)
         params = _replace(params, placement.site.path.split("/"), merged)
-    return dequantize(params)
+    return dequantize({k: v for k, v in params.items() if k != SHARED})
 
 
 def _unmerge_linen(peft_model: PeftLinen, merged: Mapping, adapter: Mapping) -> dict:
-    params = merged
+    params = dict(merged)
+    if SHARED in adapter:
+        params[SHARED] = adapter[SHARED]
     for placement in peft_model.placements:
         node = dict(_node(merged, placement.site.path))
         leaves = _node(adapter, placement.site.path)
-        kernel = node["kernel"]
+        base = _layer_base(node)
         for m in reversed(placement.methods):
             site_params = {n: leaves[n] for n in m.param_names}
-            kernel = m.unmerge_site(site_params, kernel)
+            base = m.unmerge_site(site_params, base)
             node.update(site_params)
-        node["kernel"] = kernel
+        node.update(base)
         params = _replace(params, placement.site.path.split("/"), node)
     return params
 
 
-def _merged_base_layer(layer: PeftLayer, kernel_fn) -> nnx.Module:
-    """A copy of ``layer.base_layer`` sharing its Variables except a new kernel."""
-    base = nnx.merge(*nnx.split(layer.base_layer))
-    base.kernel = base.kernel.replace(value=kernel_fn(_float(base.kernel.get_value())))
-    return base
+def _layer_with(layer: nnx.Module, base: Mapping[str, Any]) -> nnx.Module:
+    """A copy of ``layer`` sharing its Variables except new ``kernel`` / ``bias`` ones."""
+    new = nnx.merge(*nnx.split(layer))
+    for name, value in base.items():
+        setattr(new, name, getattr(new, name).replace(value=value))
+    return new
+
+
+def _nnx_base(layer: PeftLayer) -> dict:
+    base = {k: getattr(layer.base_layer, k).get_value() for k in ("kernel", "bias")
+            if isinstance(getattr(layer.base_layer, k, None), nnx.Variable)}
+    return {**base, "kernel": _float(base["kernel"])}
 
 
 def merge(peft_model: Any, params: Any = None, *, adapters: Adapters = True) -> Any:
@@ -98,14 +112,13 @@ def merge(peft_model: Any, params: Any = None, *, adapters: Adapters = True) -> 
         active = resolve(adapters, adapter_names(peft_model))
         new = copy_graph(peft_model)
         for path, layer in list(peft_layers(new)):
-
-            def fold(kernel, layer=layer):
-                for m in layer.methods:
-                    if adapter_of(m) in active:
-                        kernel = m.merge_site({n: getattr(layer, n).get_value() for n in m.param_names}, kernel)
-                return kernel
-
-            _set(_get(new, path[:-1]), path[-1], _merged_base_layer(layer, fold))
+            base = _nnx_base(layer)
+            for m in layer.methods:
+                if adapter_of(m) in active:
+                    base = m.merge_site({n: getattr(layer, n).get_value() for n in m.param_names}, base)
+            _set(_get(new, path[:-1]), path[-1], _layer_with(layer.base_layer, base))
+        if hasattr(new, SHARED):
+            delattr(new, SHARED)
         return new
     raise TypeError(f"merge expects a PeftLinen or an NNX module from jp.apply, got {type(peft_model).__name__}")
 
@@ -129,13 +142,11 @@ def unmerge(peft_model: Any, merged: Any, adapter: Any = None) -> Any:
     if isinstance(peft_model, nnx.Module):
         new = copy_graph(peft_model)
         for path, layer in list(peft_layers(new)):
-            merged_kernel = _get(merged, path).kernel.get_value()
-
-            def unfold(_, layer=layer, kernel=merged_kernel):
-                for m in reversed(layer.methods):
-                    kernel = m.unmerge_site({n: getattr(layer, n).get_value() for n in m.param_names}, kernel)
-                return kernel
-
-            layer.base_layer = _merged_base_layer(layer, unfold)
+            merged_layer = _get(merged, path)
+            base = {k: getattr(merged_layer, k).get_value() for k in ("kernel", "bias")
+                    if isinstance(getattr(merged_layer, k, None), nnx.Variable)}
+            for m in reversed(layer.methods):
+                base = m.unmerge_site({n: getattr(layer, n).get_value() for n in m.param_names}, base)
+            layer.base_layer = _layer_with(layer.base_layer, base)
         return new
     raise TypeError(f"unmerge expects a PeftLinen or an NNX module from jp.apply, got {type(peft_model).__name__}")

@@ -1,10 +1,22 @@
-"""Composition of PEFT transforms.
+"""Composition of PEFT transforms, and the protocol a transform follows.
 
-A transform is a frozen dataclass with a ``targets`` selector, the names of the leaves it
-adds at each site (``param_names``) and pure per-site functions (``check_site``,
-``init_site``, ``apply_site``, ``merge_site``, ``unmerge_site``); ``jaxpeft.methods.lora.LoRA``
-is the reference. ``chain`` composes transforms the way ``optax.chain`` composes
-gradient transformations.
+A transform is a frozen dataclass (``jaxpeft.methods.lora.LoRA`` is the reference) with:
+
+* ``targets``: a selector over module paths; ``adapter``: its name (``"default"``);
+* ``param_names``: the leaves it adds at each site; ``trainable``: a selector of its leaves;
+* ``check_site(site)``: raise before any work if it cannot attach to ``site``;
+* ``init_site(key, site, base) -> {name: array}``;
+* ``apply_site(params, site, x, base_fn, *, rng=None, base=None, shared=None) -> y``: the layer's
+  output, wrapping ``base_fn`` (the base layer or the previous method);
+* ``merge_site(params, base) -> base`` and ``unmerge_site(params, base) -> base``;
+* ``config() -> dict``: JSON, saved with checkpoints;
+* optionally ``shared_names`` and ``init_shared(key, sites) -> {name: array}``: leaves shared by
+  all its sites (Compacter's slow weights), stored once and passed to ``apply_site`` as ``shared``.
+
+``base`` is the layer's own parameters as a dict, ``{"kernel": ..., "bias": ...}`` (no ``bias``
+when the layer has none; the kernel may be a ``QuantizedArray``: ``methods.site.float_kernel(base)``
+dequantizes it). ``chain`` composes transforms the way ``optax.chain`` composes gradient
+transformations.
 
 Order: at a site targeted by several transforms, the first one in the chain wraps the base
 layer, the next wraps the first, and so on: ``t2(t1(base))(x)``. For additive updates such

@@ -302,9 +302,9 @@ def test_error_raised_before_any_work():
     calls = []
 
     class Probe(jp.LoRA):
-        def init_site(self, key, site):
+        def init_site(self, key, site, base=None):
             calls.append(site.path)
-            return super().init_site(key, site)
+            return super().init_site(key, site, base)
 
     peft = jp.chain(Probe(rank=2, targets=r"attn/query$"), jp.lora(9, targets=r"attn/value$"))
     with pytest.raises(ValueError, match="rank 9"):

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 from flax.core import unfreeze
 
-from jaxpeft.bind.plan import Layer, Placement, plan
+from jaxpeft.bind.plan import SHARED, Layer, Placement, plan, shared_key, with_shared
 from jaxpeft.bind.quantized import dequantized_kernel, is_quantized
 from jaxpeft.bind.select import Adapters, adapter_of, check_mixed, mixed_call, resolve
 from jaxpeft.methods.site import Site, dense_general_equation
@@ -172,6 +172,9 @@ class PeftLinen:
             x, rest = call_args[0], call_args[1:]
             fn = lambda x: _call_base(module, next_fun, (x, *rest), call_kwargs)  # noqa: E731
 
+            base = {name: module.get_variable("params", name) for name in ("kernel", "bias")}
+            base = {k: v for k, v in base.items() if v is not None}
+
             def params_of(m):
                 site_params = {name: module.get_variable("params", name) for name in m.param_names}
                 missing = [name for name, value in site_params.items() if value is None]
@@ -184,7 +187,10 @@ class PeftLinen:
             for m in methods:
                 wants_rng = getattr(m, "dropout", 0.0) > 0.0 and module.has_rng("dropout")
                 rng = module.make_rng("dropout") if wants_rng else None
-                fn = functools.partial(m.apply_site, params_of(m), placement.site, base_fn=fn, rng=rng)
+                shared = params[SHARED][shared_key(m)] if getattr(m, "shared_names", ()) else None
+                fn = functools.partial(
+                    m.apply_site, params_of(m), placement.site, base_fn=fn, rng=rng, base=base, shared=shared
+                )
             return fn(x)
 
         with nn.intercept_methods(intercept):
@@ -193,13 +199,27 @@ class PeftLinen:
     __call__ = apply
 
 
+def _base_params(params: dict, path: str) -> dict:
+    node = params
+    for part in path.split("/"):
+        node = node[part]
+    return {k: node[k] for k in ("kernel", "bias") if k in node}
+
+
 def init_params(placements: tuple[Placement, ...], key: jax.Array, params: dict) -> dict:
     """``params`` with every placed method's new leaves added (a new tree; base arrays shared)."""
     pairs = [(p.site, m) for p in placements for m in p.methods]
+    site_key, shared_rng = jax.random.split(key)
     new = params
-    for k, (site, method) in zip(jax.random.split(key, len(pairs)), pairs):
-        for name, value in method.init_site(k, site).items():
+    for k, (site, method) in zip(jax.random.split(site_key, max(len(pairs), 1)), pairs):
+        for name, value in method.init_site(k, site, _base_params(params, site.path)).items():
             new = _set_leaf(new, (*site.path.split("/"), name), value)
+    shared = with_shared(placements)
+    for k, (name, (method, sites)) in zip(jax.random.split(shared_rng, max(len(shared), 1)), shared.items()):
+        if name in new.get(SHARED, {}):
+            raise ValueError(f"params already hold shared leaves at {SHARED}/{name}")
+        for leaf, value in method.init_shared(k, sites).items():
+            new = _set_leaf(new, (SHARED, name, leaf), value)
     return new
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from jaxpeft.bind.plan import Layer, Placement, plan
+from jaxpeft.bind.plan import SHARED, Layer, Placement, plan, shared_key, with_shared
 from jaxpeft.bind.quantized import dequantized_kernel, is_quantized
 from jaxpeft.bind.select import Adapters, adapter_of, check_mixed, mixed_call, resolve
 from jaxpeft.methods.site import Site, dense_general_equation
@@ -78,6 +78,22 @@ def discover(model: nnx.Module) -> tuple[Layer, ...]:
     return tuple(layers)
 
 
+def _base_params(layer: nnx.Module) -> dict[str, Any]:
+    """A layer's own ``kernel`` (and ``bias``) values, as methods receive them."""
+    return {k: getattr(layer, k).get_value() for k in ("kernel", "bias") if isinstance(getattr(layer, k, None), nnx.Variable)}
+
+
+class PeftShared(nnx.Module):
+    """Leaves one method shares across all its sites (held once, referenced by every ``PeftLayer``)."""
+
+    def __init__(self, params: dict[str, jax.Array]):
+        for name, value in params.items():
+            setattr(self, name, PeftParam(value))
+
+    def values(self) -> dict[str, jax.Array]:
+        return {k: v.get_value() for k, v in vars(self).items() if isinstance(v, nnx.Variable)}
+
+
 class PeftLayer(nnx.Module):
     """A base layer with PEFT methods around it.
 
@@ -99,11 +115,14 @@ class PeftLayer(nnx.Module):
         self.adapter_ids = nnx.data(None)
         self.deterministic = False
         self.rngs = None
+        self.shared = nnx.data({})
         self.add(placement.methods, params, key)
 
-    def add(self, methods: tuple, params: dict[str, jax.Array], key: jax.Array) -> None:
+    def add(self, methods: tuple, params: dict[str, jax.Array], key: jax.Array, shared: dict | None = None) -> None:
         """Put more methods (and their leaves) on this layer; used while building a new graph."""
         self.methods = self.methods + tuple(methods)
+        if shared:
+            self.shared = nnx.data({**self.shared, **shared})
         for name, value in params.items():
             setattr(self, name, PeftParam(value))
         if self.rngs is None and any(getattr(m, "dropout", 0.0) > 0.0 for m in self.methods):
@@ -137,7 +156,9 @@ class PeftLayer(nnx.Module):
                 continue
             use_rng = self.rngs is not None and not self.deterministic and getattr(m, "dropout", 0.0) > 0.0
             rng = self.rngs.dropout() if use_rng else None
-            fn = functools.partial(m.apply_site, params_of(m), self.site, base_fn=fn, rng=rng)
+            shared = self.shared[shared_key(m)].values() if getattr(m, "shared_names", ()) else None
+            base = _base_params(self.base_layer)
+            fn = functools.partial(m.apply_site, params_of(m), self.site, base_fn=fn, rng=rng, base=base, shared=shared)
         return fn(x)
 
 
@@ -183,17 +204,33 @@ def apply_nnx(peft: Transform, model: nnx.Module, key: jax.Array) -> nnx.Module:
         and not isinstance(_get(model, _parts(model, layer.path)), PeftLayer)
     )
     new = copy_graph(model)
-    for k, placement in zip(jax.random.split(key, max(len(placements), 1)), placements):
+    site_key, shared_rng = jax.random.split(key)
+    shared_methods = with_shared(placements)
+    shared = {
+        name: PeftShared(method.init_shared(k, sites))
+        for k, (name, (method, sites)) in zip(jax.random.split(shared_rng, max(len(shared_methods), 1)), shared_methods.items())
+    }
+    if shared:
+        # One module holds them; every PeftLayer references it (NNX keeps shared references shared).
+        holder = getattr(new, SHARED, None) or nnx.Dict()
+        for name, module in shared.items():
+            holder[name] = module
+        setattr(new, SHARED, holder)
+    for k, placement in zip(jax.random.split(site_key, max(len(placements), 1)), placements):
         parts = _parts(model, placement.site.path)
         init_key, dropout_key = jax.random.split(k)
+        target = _get(new, parts)
+        base = _base_params(target.base_layer if isinstance(target, PeftLayer) else target)
         params = {}
         for mk, m in zip(jax.random.split(init_key, max(len(placement.methods), 1)), placement.methods):
-            params.update(m.init_site(mk, placement.site))
-        target = _get(new, parts)
+            params.update(m.init_site(mk, placement.site, base))
+        refs = {shared_key(m): shared[shared_key(m)] for m in placement.methods if shared_key(m) in shared}
         if isinstance(target, PeftLayer):
-            target.add(placement.methods, params, dropout_key)
+            target.add(placement.methods, params, dropout_key, refs)
         else:
-            _set(_get(new, parts[:-1]), parts[-1], PeftLayer(target, placement, params, dropout_key))
+            layer = PeftLayer(target, Placement(placement.site, ()), {}, dropout_key)
+            layer.add(placement.methods, params, dropout_key, refs)
+            _set(_get(new, parts[:-1]), parts[-1], layer)
     return new
 
 

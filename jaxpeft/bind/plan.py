@@ -86,3 +86,21 @@ def plan(
             check_claims(layer.site, chosen, existing=(*layer.param_names, *existing.get(layer.path, ())))
             placements.append(Placement(layer.site, chosen))
     return tuple(placements)
+
+
+SHARED = "peft_shared"  # top-level key of the leaves a method shares across its sites
+
+
+def shared_key(method: Transform) -> str:
+    """Where a method's shared leaves live under ``peft_shared``: ``"<name>@<adapter>"``."""
+    return f"{getattr(method, 'name', type(method).__name__.lower())}@{getattr(method, 'adapter', 'default')}"
+
+
+def with_shared(placements: Sequence[Placement]) -> dict[str, tuple[Transform, list[Site]]]:
+    """The methods that share leaves across sites, each with the sites it sits at."""
+    out: dict[str, tuple[Transform, list[Site]]] = {}
+    for p in placements:
+        for m in p.methods:
+            if getattr(m, "shared_names", ()):
+                out.setdefault(shared_key(m), (m, []))[1].append(p.site)
+    return out

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from jaxpeft.methods.site import Site, fresh_label, parse_equation
+from jaxpeft.methods.site import Site, float_kernel, fresh_label, parse_equation
 from jaxpeft.tree import Selector
 
 INITS = ("kaiming_uniform", "gaussian")
@@ -129,7 +129,7 @@ class LoRA:
                 f"(kernel {site.kernel_shape}, {site.layer_type})"
             )
 
-    def init_site(self, key: jax.Array, site: Site) -> dict[str, jax.Array]:
+    def init_site(self, key: jax.Array, site: Site, base: Mapping[str, Any] | None = None) -> dict[str, jax.Array]:
         """``{A: [*in_shape, r], B: [r, *out_shape]}`` under ``param_names``; B = 0 (LoRA sec. 4.1)."""
         dtype = jnp.dtype(self.param_dtype)
         a_shape = (*site.in_shape, self.rank)
@@ -149,6 +149,8 @@ class LoRA:
         base_fn: Callable[[jax.Array], jax.Array],
         *,
         rng: jax.Array | None = None,
+        base: Mapping[str, Any] | None = None,
+        shared: Mapping[str, jax.Array] | None = None,
     ) -> jax.Array:
         """``base_fn(x) + s * dropout(x) A B``.
 
@@ -162,13 +164,15 @@ class LoRA:
         lora_a, lora_b = self._factors(params)
         return y + lora_delta(lora_a, lora_b, site, x, self.scale, self.dropout, rng).astype(y.dtype)
 
-    def merge_site(self, params: Mapping[str, jax.Array], kernel: jax.Array) -> jax.Array:
-        """``W + s A B`` in the kernel's dtype."""
-        return (kernel + self.scale * lora_product(*self._factors(params))).astype(kernel.dtype)
+    def merge_site(self, params: Mapping[str, jax.Array], base: Mapping[str, Any]) -> dict[str, Any]:
+        """``W + s A B`` in the kernel's dtype (``base``: the layer's ``kernel`` and ``bias``)."""
+        kernel = float_kernel(base)
+        return {**base, "kernel": (kernel + self.scale * lora_product(*self._factors(params))).astype(kernel.dtype)}
 
-    def unmerge_site(self, params: Mapping[str, jax.Array], kernel: jax.Array) -> jax.Array:
+    def unmerge_site(self, params: Mapping[str, jax.Array], base: Mapping[str, Any]) -> dict[str, Any]:
         """``W - s A B``: the inverse of ``merge_site``."""
-        return (kernel - self.scale * lora_product(*self._factors(params))).astype(kernel.dtype)
+        kernel = float_kernel(base)
+        return {**base, "kernel": (kernel - self.scale * lora_product(*self._factors(params))).astype(kernel.dtype)}
 
 
 def lora_product(lora_a: jax.Array, lora_b: jax.Array) -> jax.Array:

@@ -106,3 +106,13 @@ def dense_general_equation(num_in: int, num_out: int) -> str:
     ins = string.ascii_lowercase[:num_in]
     outs = string.ascii_lowercase[num_in : num_in + num_out]
     return f"...{ins},{ins}{outs}->...{outs}"
+
+
+def float_kernel(base: dict, dtype=None):
+    """The kernel of a layer's ``base`` params as a float array (a ``QuantizedArray`` is dequantized)."""
+    from jaxpeft.quant import QuantizedArray, dequantize_array
+
+    kernel = base["kernel"]
+    if isinstance(kernel, QuantizedArray):
+        return dequantize_array(kernel, dtype)
+    return kernel if dtype is None else kernel.astype(dtype)
