@@ -88,8 +88,13 @@ def _dtype_name(x: Any) -> str:
     return np.dtype(x.dtype).name if hasattr(x, "dtype") else type(x).__name__
 
 
+@functools.lru_cache(maxsize=None)
+def _inexact(dtype: Any) -> bool:
+    return bool(jnp.issubdtype(dtype, jnp.inexact))  # bf16 included (numpy's issubdtype says no)
+
+
 def _is_float(x: Any) -> bool:
-    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+    return hasattr(x, "dtype") and _inexact(x.dtype)
 
 
 def check_compatible(trees: Sequence[Any], names: Sequence[str] | None = None, *, dtypes: bool = True) -> None:
@@ -139,7 +144,7 @@ def check_compatible(trees: Sequence[Any], names: Sequence[str] | None = None, *
                 continue
             if np.shape(a) != np.shape(b):
                 bad_shape.append(f"{p}: {np.shape(a)} vs {np.shape(b)}")
-            elif dtypes and _dtype_name(a) != _dtype_name(b):
+            elif dtypes and getattr(a, "dtype", None) != getattr(b, "dtype", None):
                 bad_dtype.append(f"{p}: {_dtype_name(a)} vs {_dtype_name(b)}")
         if bad_shape:
             raise TreeMismatchError(f"shapes differ between {names[0]} and {name} at {_listed(bad_shape)}")
