@@ -199,11 +199,14 @@ class PeftLinen:
     __call__ = apply
 
 
+BASE_LEAVES = ("kernel", "bias")
+
+
 def _base_params(params: dict, path: str) -> dict:
     node = params
     for part in path.split("/"):
         node = node[part]
-    return {k: node[k] for k in ("kernel", "bias") if k in node}
+    return {k: node[k] for k in BASE_LEAVES if k in node}
 
 
 def init_params(placements: tuple[Placement, ...], key: jax.Array, params: dict) -> dict:
@@ -212,7 +215,10 @@ def init_params(placements: tuple[Placement, ...], key: jax.Array, params: dict)
     site_key, shared_rng = jax.random.split(key)
     new = params
     for k, (site, method) in zip(jax.random.split(site_key, max(len(pairs), 1)), pairs):
-        for name, value in method.init_site(k, site, _base_params(params, site.path)).items():
+        for name, value in method.init_site(k, site, _base_params(new, site.path)).items():
+            if name in BASE_LEAVES and not getattr(method, "updates_base", False):
+                raise ValueError(f"{type(method).__name__}.init_site returned the base leaf {name!r} at {site.path!r} "
+                                 "without declaring updates_base = True")
             new = _set_leaf(new, (*site.path.split("/"), name), value)
     shared = with_shared(placements)
     for k, (name, (method, sites)) in zip(jax.random.split(shared_rng, max(len(shared), 1)), shared.items()):

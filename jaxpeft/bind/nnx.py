@@ -220,10 +220,24 @@ def apply_nnx(peft: Transform, model: nnx.Module, key: jax.Array) -> nnx.Module:
         parts = _parts(model, placement.site.path)
         init_key, dropout_key = jax.random.split(k)
         target = _get(new, parts)
-        base = _base_params(target.base_layer if isinstance(target, PeftLayer) else target)
+        base_layer = target.base_layer if isinstance(target, PeftLayer) else target
+        base = _base_params(base_layer)
         params = {}
         for mk, m in zip(jax.random.split(init_key, max(len(placement.methods), 1)), placement.methods):
-            params.update(m.init_site(mk, placement.site, base))
+            leaves = m.init_site(mk, placement.site, base)
+            for name in [n for n in leaves if n in ("kernel", "bias")]:
+                if not getattr(m, "updates_base", False):
+                    raise ValueError(f"{type(m).__name__}.init_site returned the base leaf {name!r} at "
+                                     f"{placement.site.path!r} without declaring updates_base = True")
+                # A new Variable on this graph's own copy of the layer: the input model's stays as it was.
+                base_layer = nnx.merge(*nnx.split(base_layer))
+                setattr(base_layer, name, getattr(base_layer, name).replace(value=leaves.pop(name)))
+                base = {**base, name: getattr(base_layer, name).get_value()}
+                if isinstance(target, PeftLayer):
+                    target.base_layer = base_layer
+                else:
+                    target = base_layer
+            params.update(leaves)
         refs = {shared_key(m): shared[shared_key(m)] for m in placement.methods if shared_key(m) in shared}
         if isinstance(target, PeftLayer):
             target.add(placement.methods, params, dropout_key, refs)
