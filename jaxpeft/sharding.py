@@ -62,8 +62,11 @@ __all__ = [
 P = PartitionSpec
 Rules = Sequence[tuple[str, Any]]
 
-LORA_PARAM_AXES: Mapping[str, tuple[Any, ...]] = {"lora_a": ("in", "rank"), "lora_b": ("rank", "out")}
-"""LoRA: ``A: [*in_shape, r]`` follows the kernel's input axes, ``B: [r, *out_shape]`` its outputs."""
+LORA_PARAM_AXES: tuple[tuple[Any, ...], tuple[Any, ...]] = (("in", "rank"), ("rank", "out"))
+"""LoRA's ``(A, B)``: ``A: [*in_shape, r]`` follows the kernel's input axes, ``B: [r, *out_shape]``
+its outputs (whatever the leaves are named: ``lora_a`` or ``lora_a@<adapter>``)."""
+
+SHARED = "peft_shared"  # the top-level key of leaves a method shares across sites (bind.plan.SHARED)
 
 _MAX_LISTED = 20
 
@@ -95,7 +98,7 @@ def param_axes(method: Any) -> Mapping[str, tuple[Any, ...]] | None:
     from jaxpeft.methods.lora import LoRA  # lazy: methods import nothing from here
 
     if isinstance(method, LoRA):
-        return LORA_PARAM_AXES
+        return dict(zip(method.param_names, LORA_PARAM_AXES))
     return None
 
 
@@ -414,7 +417,7 @@ def _linen_specs(peft_model: Any, params: Any, base_specs: Any, rules: Rules | N
         table = {
             p: _as_spec(x, rules, p)
             for p, x in leaves.items()
-            if p not in peft and not _tree.matches(peft_model.trainable, p, x)
+            if p not in peft and not _is_shared(p) and not _tree.matches(peft_model.trainable, p, x)
         }
     else:
         table = _spec_table(base_specs, rules)
@@ -422,7 +425,7 @@ def _linen_specs(peft_model: Any, params: Any, base_specs: Any, rules: Rules | N
 
     missing = []
     for p, x in leaves.items():
-        if p in peft or p in table:
+        if p in peft or p in table or _is_shared(p):
             continue
         if _tree.matches(peft_model.trainable, p, x):
             continue  # a PEFT leaf outside any placement: replicated with a warning below
@@ -444,6 +447,8 @@ def _linen_specs(peft_model: Any, params: Any, base_specs: Any, rules: Rules | N
         x = _unbox(x)
         if p in peft:
             return _leaf_spec(p, x, peft, kernel_entries, rank_axis, unknown)
+        if _is_shared(p):  # shared by many sites (Compacter's slow weights): no one kernel to follow
+            return P()
         if p not in table:
             unknown.append(p)
             return P()
@@ -455,6 +460,10 @@ def _linen_specs(peft_model: Any, params: Any, base_specs: Any, rules: Rules | N
     out = jax.tree_util.tree_map_with_path(spec_of, params, is_leaf=is_leaf)
     _warn_unknown(unknown)
     return out
+
+
+def _is_shared(path: str) -> bool:
+    return path == SHARED or path.startswith(SHARED + "/")
 
 
 def _unbox(x: Any) -> Any:
@@ -493,7 +502,11 @@ def _nnx_specs(model: Any, base_specs: Any, rules: Rules | None, rank_axis: Any)
         missing = [
             f"{p}: shape {tuple(np.shape(v.get_value()))}"
             for p, v in variables.items()
-            if p not in table and p not in peft and isinstance(v, nnx.Param) and not isinstance(v, _peft_param())
+            if p not in table
+            and p not in peft
+            and not _is_shared(p)
+            and isinstance(v, nnx.Param)
+            and not isinstance(v, _peft_param())
         ]
         if missing:
             raise ShardingError(
@@ -516,6 +529,8 @@ def _nnx_specs(model: Any, base_specs: Any, rules: Rules | None, rank_axis: Any)
         value = var.get_value()
         if p in peft:
             return var.replace(_leaf_spec(p, value, peft, kernel_entries, rank_axis, unknown))
+        if _is_shared(p):
+            return var.replace(P())
         if isinstance(var, _peft_param()):
             unknown.append(p)
             return var.replace(P())
