@@ -118,5 +118,6 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "outputs bit-identical = True" in out and "trainable parameters" in out
+    assert "WiSE-FT" in out and out.count("\n   0.") + out.count("\n   1.00") >= 6  # one row per alpha
     assert (tmp_path / "adapter" / "jaxpeft_adapter.json").exists()
     assert list((tmp_path / "cache").glob("demo_base_*.npz"))

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 import jaxpeft as jp
-from jaxpeft import checkpoint, optim, train
+from jaxpeft import checkpoint, ensembling, optim, train
 from jaxpeft.demo import data
 from jaxpeft.losses import cross_entropy
 from jaxpeft.models import LinenLM, LMConfig
@@ -119,6 +119,29 @@ def quantize_base(base: dict, args, say) -> dict:
     return quantized
 
 
+WISE_FT_ALPHAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def wise_ft_step(apply_fn, tuned: dict, evals: dict, out_dir: pathlib.Path, say) -> pathlib.Path | None:
+    """WiSE-FT of the LoRA update: sweep alpha (0 = base, 1 = fine-tuned), print the table, plot it."""
+    table = ensembling.alpha_sweep(
+        lambda params, batches: evaluate(apply_fn, params, batches), None, tuned, WISE_FT_ALPHAS, evals
+    )
+    say("\nWiSE-FT: W + alpha * s A B (alpha 0 = base model, 1 = LoRA model); held-out text")
+    say("  alpha   " + "   ".join(f"{d + ' ppl':>12} {d + ' acc':>12}" for d in evals))
+    for alpha in WISE_FT_ALPHAS:
+        rows = {r["set"]: r for r in table if r["alpha"] == alpha}
+        say(f"  {alpha:5.2f}   " + "   ".join(f"{rows[d]['ppl']:12.3f} {100 * rows[d]['accuracy']:11.1f}%" for d in evals))
+    try:
+        path = ensembling.plot_alpha_sweep(table, out_dir / "wise_ft_alpha_sweep.png", metrics=["loss", "accuracy"],
+                                           title="WiSE-FT of the LoRA update (demo)")
+    except ImportError:
+        say("  (matplotlib is not installed: no plot; pip install 'jaxpeft[examples]')")
+        return None
+    say(f"  curve written to {path}")
+    return path
+
+
 def _row(name: str, m: dict[str, float]) -> str:
     return f"  {name:<34} loss {m['loss']:.3f}   ppl {m['ppl']:7.3f}   accuracy {100 * m['accuracy']:5.1f}%"
 
@@ -181,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     identical = bool(np.array_equal(fresh_model.apply(restored, probe), peft_model.apply(tuned, probe)))
     merged = jp.merge(fresh_model, restored)
     merged_metrics = {d: evaluate(base_apply, merged, evals[d]) for d in data.DOMAINS}
+
+    wise_ft_step(peft_apply, tuned, evals, out.parent, say)
 
     say("\nresults (held-out text; perplexity per character)")
     for d in data.DOMAINS:
