@@ -384,7 +384,7 @@ def _leaf_spec(
 ) -> P:
     info = peft[path]
     axes = param_axes(info.method)
-    shape = tuple(np.shape(leaf))
+    shape = _shape(leaf)
     if axes is None or info.name not in axes:
         unknown.append(path)
         return P()
@@ -429,7 +429,7 @@ def _linen_specs(peft_model: Any, params: Any, base_specs: Any, rules: Rules | N
             continue
         if _tree.matches(peft_model.trainable, p, x):
             continue  # a PEFT leaf outside any placement: replicated with a warning below
-        missing.append(f"{p}: shape {tuple(np.shape(_unbox(x)))}")
+        missing.append(f"{p}: shape {_shape(_unbox(x))}")
     if missing:
         raise ShardingError(
             f"base_specs has no spec for {len(missing)} base parameters (give one per leaf; None or P() "
@@ -452,7 +452,7 @@ def _linen_specs(peft_model: Any, params: Any, base_specs: Any, rules: Rules | N
         if p not in table:
             unknown.append(p)
             return P()
-        entries = _padded(table[p], len(np.shape(x)), p, tuple(np.shape(x)))
+        entries = _padded(table[p], len(_shape(x)), p, _shape(x))
         if isinstance(x, QuantizedArray):
             return _quantized_specs(x, entries)
         return table[p]  # as the user wrote it (P() and P(None) are different objects to jax.tree)
@@ -460,6 +460,12 @@ def _linen_specs(peft_model: Any, params: Any, base_specs: Any, rules: Rules | N
     out = jax.tree_util.tree_map_with_path(spec_of, params, is_leaf=is_leaf)
     _warn_unknown(unknown)
     return out
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    """The shape of an array, a ``jax.ShapeDtypeStruct`` (``jax.eval_shape`` output) or a scalar."""
+    shape = getattr(x, "shape", None)
+    return tuple(shape) if shape is not None else tuple(np.shape(x))
 
 
 def _is_shared(path: str) -> bool:
@@ -500,7 +506,7 @@ def _nnx_specs(model: Any, base_specs: Any, rules: Rules | None, rank_axis: Any)
         for p, s in given.items():
             table[p if p in variables else by_plain[p]] = s
         missing = [
-            f"{p}: shape {tuple(np.shape(v.get_value()))}"
+            f"{p}: shape {_shape(v.get_value())}"
             for p, v in variables.items()
             if p not in table
             and p not in peft
@@ -571,7 +577,7 @@ def _flat_specs(specs: Any) -> dict[str, P]:
 
 def _flat_shapes(params: Any) -> dict[str, tuple[int, ...]]:
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
-    return {_tree.path_to_str(k): tuple(np.shape(x)) for k, x in flat}
+    return {_tree.path_to_str(k): _shape(x) for k, x in flat}
 
 
 def spec_problems(where: str, spec: P, mesh_shape: Mapping[str, int], shape: tuple[int, ...] | None) -> list[str]:

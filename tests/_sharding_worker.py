@@ -256,12 +256,6 @@ def nnx_scenario(config, base, batch) -> dict:
     }
 
 
-def example_scenario(out: pathlib.Path) -> dict:
-    """The example script itself, on a mesh with all three of its axes."""
-    result = EXAMPLE.main(["--mesh", "data=2,fsdp=2,model=2", "--steps", "2", "--save", str(out / "example_adapter")])
-    return {"losses": result["losses"], "saved": pathlib.Path(result["directory"]).is_dir()}
-
-
 def main(out: str) -> None:
     assert jax.device_count() == 8, f"expected 8 fake CPU devices, got {jax.device_count()}"
     out_dir = pathlib.Path(out)
@@ -270,7 +264,6 @@ def main(out: str) -> None:
     facts = {
         "linen": linen_scenarios(out_dir, setup),
         "nnx": nnx_scenario(config, jax.tree.map(np.asarray, base), batch),
-        "example": example_scenario(out_dir),
     }
     (out_dir / "facts.json").write_text(json.dumps(facts, indent=1))
 
