@@ -126,7 +126,8 @@ def adapter_forward(
         raise ValueError(f"{site.path!r}: adapter down {down.shape} / up {up.shape} do not fit d = {d} output features")
     # Move the output axes last (a no-op for Dense, DenseGeneral and most Einsums), then view as [N, d].
     axis_of = output_axes(site, y.ndim)
-    perm = [i for i in range(y.ndim) if i not in axis_of.values()] + [axis_of[c] for c in site.out_labels]
+    out_axes = [axis_of[c] for c in site.out_labels]
+    perm = [i for i in range(y.ndim) if i not in out_axes] + out_axes
     moved = y if perm == list(range(y.ndim)) else jnp.transpose(y, perm)
     dtype = jnp.result_type(y.dtype, down.dtype)
     h = moved.reshape(-1, d).astype(dtype) @ down.astype(dtype)
