@@ -16,8 +16,14 @@ would land on the same name. ``jaxpeft_adapter.json`` maps each name back to the
 A save is atomic: everything is written to a hidden sibling directory, read back and checked,
 then renamed into place. An existing checkpoint is replaced only with ``overwrite=True`` and
 only after the new one is complete; it is renamed aside, the new one renamed in, and the old one
-deleted. ``restore_adapter`` checks every leaf's sha256, and optionally that the base model and
-the method config are the ones the adapter was trained with.
+deleted. ``restore_adapter`` checks every leaf's checksums (sha256 where the whole array is on
+this host, a layout-independent ``sum64`` computed where the shards live), and optionally that
+the base model and the method config are the ones the adapter was trained with.
+
+Sharded arrays are saved as they are: orbax writes each shard from the device holding it, so no
+array is gathered onto one device or one host; ``restore_adapter(..., shardings=...)`` reads each
+device's shard from the files, on any mesh. On several hosts every process calls ``save_adapter``
+(process 0 writes the metadata and renames; each writes its own shards). See ``docs/scale.md``.
 """
 
 from __future__ import annotations
@@ -777,6 +783,9 @@ def save_adapter(
       directory: where the checkpoint goes; its parent is created if needed.
       adapter: the trainable tree: ``partition``'s first part (``None`` holes are dropped), an
         NNX ``State`` (its pure dict is saved), or nested dicts / lists of jax or numpy arrays.
+        Sharded jax arrays are written shard by shard from their devices, never gathered. With
+        several processes (``jax.distributed``), every process calls ``save_adapter`` with the
+        same arguments on a filesystem all of them see.
       config: the transform's config, JSON data such as ``{"method": "lora", "rank": 8}`` (a
         dataclass instance is turned into a dict); checked by ``restore_adapter(config=...)``.
       base: the base model's params (full params, the frozen part with holes, or an NNX model /
