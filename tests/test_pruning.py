@@ -140,6 +140,16 @@ def test_targets_selector_and_holes(params):
     assert apply_mask(trainable, mask)["head"]["kernel"] is None
 
 
+def test_quantized_kernels_are_not_default_targets():
+    w = jax.random.normal(jax.random.key(0), (64, 64))
+    tree = jp.quantize({"q": {"kernel": w}, "f": {"kernel": w}}, targets=r"^q/")
+    mask = magnitude_mask(tree, 0.5)
+    assert mask["q"]["kernel"] is True and mask["f"]["kernel"].shape == (64, 64)
+    assert apply_mask(tree, mask)["q"]["kernel"] is tree["q"]["kernel"]
+    with pytest.raises(TypeError, match=r"'q/kernel'.*QuantizedArray.*dequantize"):
+        magnitude_mask(tree, 0.5, targets=r"^q/")
+
+
 def test_previous_mask_stays_pruned(params):
     first = magnitude_mask(params, 0.3)
     # a weight first pruned for being small would be kept again by a fresh ranking on new values
@@ -155,6 +165,33 @@ def test_previous_mask_stays_pruned(params):
     newly = np.concatenate([np.abs(np.asarray(p[k]))[np.asarray(m1[k]) & ~np.asarray(m2[k])] for k in KERNELS])
     kept = np.concatenate([np.abs(np.asarray(p[k]))[np.asarray(m2[k])] for k in KERNELS])
     assert newly.max() <= kept.min() and newly.size + kept.size == survivors.size
+
+
+def test_magnitude_mask_random_trees_against_numpy():
+    # Random leaf counts and sizes, heavy ties, earlier masks, both scopes: the exact NumPy rule.
+    rng = np.random.default_rng(7)
+    for trial in range(8):
+        leaves = {f"l{i}": {"kernel": jnp.asarray(np.round(rng.standard_normal((rng.integers(1, 9), rng.integers(1, 9))),
+                                                           int(rng.integers(0, 2))), jnp.float32)}
+                  for i in range(int(rng.integers(1, 4)))}
+        earlier = None
+        if trial % 2:
+            earlier = jax.tree.map(lambda w: jnp.asarray(rng.random(w.shape) < 0.8), leaves)
+        sparsity = float(rng.choice([0.0, 0.2, 0.5, 0.9, 0.95]))
+        for scope in ("global", "per_layer"):
+            mask = magnitude_mask(leaves, sparsity, scope=scope, mask=earlier)
+            groups = [list(leaves)] if scope == "global" else [[k] for k in leaves]
+            for group in groups:
+                scores = np.concatenate([
+                    np.where(np.asarray(earlier[k]["kernel"]), np.abs(leaves[k]["kernel"]), -1.0).ravel()
+                    if earlier else np.abs(np.asarray(leaves[k]["kernel"])).ravel() for k in group
+                ])
+                num_pruned = round(sparsity * scores.size)
+                expected = np_kept(scores, num_pruned)
+                if earlier:
+                    expected &= np.concatenate([np.asarray(earlier[k]["kernel"]).ravel() for k in group])
+                got = np.concatenate([np.asarray(mask[k]["kernel"]).ravel() for k in group])
+                assert np.array_equal(got, expected), (trial, scope, group)
 
 
 def test_sparsity_is_exact_for_awkward_fractions():
@@ -185,6 +222,16 @@ def test_nm_mask(params, n, m, jit):
         for gw, gk in zip(groups_w, groups_k):
             assert np.array_equal(gk, np_kept(gw, m - n))  # the n largest, the earlier of ties kept
     assert mask_sparsity({k: mask[k] for k in targets}) == pytest.approx(1 - n / m)
+
+
+def test_nm_mask_large_groups():
+    # m > 64 ranks by argsort instead of pairwise comparisons: same rule
+    w = np.round(np.random.default_rng(3).standard_normal((256, 3)), 1).astype(np.float32)
+    keep = np.asarray(nm_mask({"kernel": jnp.asarray(w)}, 5, 128)["kernel"])
+    for column in range(3):
+        for group in range(2):
+            g = np.abs(w[128 * group: 128 * (group + 1), column])
+            assert np.array_equal(keep[128 * group: 128 * (group + 1), column], np_kept(g, 123))
 
 
 def test_nm_mask_other_axis():
