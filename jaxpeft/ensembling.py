@@ -48,8 +48,8 @@ __all__ = [
     "adapter_ensemble",
 ]
 
-LORA_FACTORS = r"(^|/)lora_(a|b)$"
-LORA_B = r"(^|/)lora_b$"
+LORA_FACTORS = r"(^|/)lora_(a|b)(@[^/]*)?$"  # named adapters: lora_a@name
+LORA_B = r"(^|/)lora_b(@[^/]*)?$"
 _MAX_LISTED = 8
 
 
@@ -296,7 +296,8 @@ def wise_ft_adapter(params: Any, alpha: float | jax.Array, *, selector: Selector
       params: a tree holding ``lora_b`` leaves: the full Linen params, the trainable partition
         (``None`` holes are fine), a pruned adapter, or an NNX ``State``.
       alpha: finite scalar (0: the base model, 1: the fine-tuned adapter).
-      selector: which leaves hold the update's output factor (``lora_b`` by default).
+      selector: which leaves hold the update's output factor: every adapter's ``lora_b`` (and
+        ``lora_b@name``) by default; ``"lora_b@name$"`` for one named adapter only.
 
     Returns:
       a new tree of the same structure and dtypes; only the selected leaves change.

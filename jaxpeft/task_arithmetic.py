@@ -473,7 +473,6 @@ def _sum_jit(vectors: list[Any], weights: jax.Array, scaling: jax.Array, density
 # --------------------------------------------------------------------------------------------
 
 _COMBINATIONS = ("cat", "svd", "linear")
-_FACTOR = re.compile(r"^(?:(.*)/)?(lora_a|lora_b)$")
 
 
 def _unwrap(x: Any) -> Any:
@@ -481,31 +480,58 @@ def _unwrap(x: Any) -> Any:
     return x.get_value() if hasattr(x, "get_value") and not isinstance(x, jax.Array) else x
 
 
-def _lora_sites(adapter: Any, name: str) -> dict[str, dict[str, jax.Array]]:
+def _factor_names(config: LoRA) -> tuple[str, str]:
+    """The leaf names of a config's ``A`` and ``B`` (``lora_a`` / ``lora_b``, or ``lora_a@name`` ...)."""
+    a, b = tuple(config.param_names)
+    return a, b
+
+
+def _rank_at(config: LoRA, path: str) -> int:
+    return config.rank_at(path) if hasattr(config, "rank_at") else config.rank
+
+
+def _scale_at(config: LoRA, path: str) -> float:
+    return config.scale_at(path) if hasattr(config, "scale_at") else config.scale
+
+
+def _lora_sites(adapter: Any, config: LoRA, name: str) -> dict[str, dict[str, jax.Array]]:
     """``{site path: {"lora_a": [*in, r], "lora_b": [r, *out]}}`` of one adapter tree."""
     from jaxpeft.tree import leaves_with_paths
 
+    a_name, b_name = _factor_names(config)
+    pattern = re.compile(rf"^(?:(.*)/)?({re.escape(a_name)}|{re.escape(b_name)})$")
     sites: dict[str, dict[str, jax.Array]] = {}
     for path, leaf in leaves_with_paths(adapter):
-        m = _FACTOR.match(path)
+        m = pattern.match(path)
         if m is None or leaf is None:
             continue
-        sites.setdefault(m.group(1) or "", {})[m.group(2)] = _unwrap(leaf)
+        sites.setdefault(m.group(1) or "", {})["lora_a" if m.group(2) == a_name else "lora_b"] = _unwrap(leaf)
     if not sites:
-        raise ValueError(f"add_weighted_adapters: {name} holds no lora_a / lora_b leaves")
+        raise ValueError(f"add_weighted_adapters: {name} holds no {a_name} / {b_name} leaves")
     for site, leaves in sites.items():
         if set(leaves) != {"lora_a", "lora_b"}:
-            raise ValueError(f"add_weighted_adapters: {name} has only {sorted(leaves)} at {site!r}")
+            raise ValueError(f"add_weighted_adapters: {name} has only one of {a_name} / {b_name} at {site!r}")
         a, b = leaves["lora_a"], leaves["lora_b"]
         if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[0]:
             raise ValueError(
-                f"add_weighted_adapters: {name} at {site!r}: lora_a {a.shape} and lora_b {b.shape} are not "
+                f"add_weighted_adapters: {name} at {site!r}: {a_name} {a.shape} and {b_name} {b.shape} are not "
                 "[*in, r] and [r, *out]"
             )
     return sites
 
 
-def _plan_adapters(adapters, weights, configs, combination, rank):
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    combination: str
+    weights: list[Any]
+    configs: list[LoRA]
+    sites: list[dict[str, dict[str, jax.Array]]]  # per adapter
+    paths: list[str]  # every site, first-seen order
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]  # site -> (in_shape, out_shape)
+    ranks: dict[str, int]  # site -> rank of the combined adapter
+
+
+def _plan_adapters(adapters, weights, configs, combination, rank) -> _Plan:
     where = "add_weighted_adapters"
     if combination not in _COMBINATIONS:
         raise ValueError(f"{where}: combination is one of {_COMBINATIONS}, got {combination!r}")
@@ -519,97 +545,123 @@ def _plan_adapters(adapters, weights, configs, combination, rank):
     bad = [i for i, c in enumerate(configs) if not isinstance(c, LoRA)]
     if bad:
         raise TypeError(f"{where}: configs {bad} are not LoRA configs (jp.lora(...)); pass one per adapter")
-    scales = [c.scale for c in configs]
-    per_adapter = [_lora_sites(a, f"adapter {i}") for i, a in enumerate(adapters)]
-    site_paths = list(dict.fromkeys(p for s in per_adapter for p in s))
+    pissa = [i for i, c in enumerate(configs) if getattr(c, "init", None) == "pissa"]
+    if pissa:
+        raise ValueError(
+            f"{where}: adapters {pissa} are PiSSA adapters, each an update of its own residual base kernel "
+            "(W - s A B); their updates do not add up over one base. Merge them (jp.merge) and use task vectors."
+        )
+    if rank is not None and combination != "svd":
+        raise ValueError(f"{where}: rank= is for 'svd'; '{combination}' sets the rank itself")
+    per_adapter = [_lora_sites(a, c, f"adapter {i}") for i, (a, c) in enumerate(zip(adapters, configs))]
+    paths = list(dict.fromkeys(p for s in per_adapter for p in s))
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     for i, (sites, config) in enumerate(zip(per_adapter, configs)):
         for p, leaves in sites.items():
             a, b = leaves["lora_a"], leaves["lora_b"]
             io = (tuple(a.shape[:-1]), tuple(b.shape[1:]))
             if shapes.setdefault(p, io) != io:
+                raise ValueError(f"{where}: at {p!r} adapter {i} has in/out shapes {io}, another adapter {shapes[p]}")
+            if a.shape[-1] != _rank_at(config, p):
                 raise ValueError(
-                    f"{where}: at {p!r} adapter {i} has in/out shapes {io}, another adapter {shapes[p]}"
+                    f"{where}: adapter {i} has rank {a.shape[-1]} at {p!r} but its config says {_rank_at(config, p)}"
                 )
-            if a.shape[-1] != config.rank:
-                raise ValueError(f"{where}: adapter {i} has rank {a.shape[-1]} at {p!r} but its config says {config.rank}")
+    present = {p: [i for i, sites in enumerate(per_adapter) if p in sites] for p in paths}
+    limits = {p: min(math.prod(ins), math.prod(outs)) for p, (ins, outs) in shapes.items()}
+    ranks: dict[str, int] = {}
     if combination == "linear":
-        ranks = {c.rank for c in configs}
-        if len(ranks) != 1:
-            raise ValueError(f"{where}: 'linear' needs adapters of one rank, got ranks {[c.rank for c in configs]}")
-        negative = [i for i, (w, s) in enumerate(zip(weights, scales)) if isinstance(w, float) and w * s < 0]
+        for p in paths:
+            site_ranks = {i: _rank_at(configs[i], p) for i in present[p]}
+            if len(set(site_ranks.values())) != 1:
+                raise ValueError(f"{where}: 'linear' needs adapters of one rank; at {p!r} the ranks are {site_ranks}")
+            ranks[p] = next(iter(site_ranks.values()))
+        negative = [i for i, (w, c) in enumerate(zip(weights, configs))
+                    if isinstance(w, float) and any(w * _scale_at(c, p) < 0 for p in per_adapter[i])]
         if negative:
             raise ValueError(
                 f"{where}: 'linear' scales A and B by sqrt(weight * scale) (as HF PEFT does), which needs "
                 f"weight * scale >= 0; adapters {negative} have a negative one. Use 'cat' or 'svd' to subtract."
             )
-        new_rank = configs[0].rank
     elif combination == "cat":
-        new_rank = sum(c.rank for c in configs)
-        for p, (ins, outs) in shapes.items():
-            limit = min(math.prod(ins), math.prod(outs))
-            if new_rank > limit:
+        for p in paths:
+            ranks[p] = sum(_rank_at(configs[i], p) for i in present[p])
+            if ranks[p] > limits[p]:
                 raise ValueError(
-                    f"{where}: 'cat' gives rank {new_rank} (the sum of the ranks), above min(d_in, d_out) = "
-                    f"{limit} at {p!r}, which LoRA refuses; use combination='svd' with rank={limit}: exact "
+                    f"{where}: 'cat' gives rank {ranks[p]} (the sum of the ranks), above min(d_in, d_out) = "
+                    f"{limits[p]} at {p!r}, which LoRA refuses; use combination='svd' with rank={limits[p]}: exact "
                     "there, since no [d_in, d_out] delta has a higher rank"
                 )
     else:
-        new_rank = max(c.rank for c in configs) if rank is None else rank
-        if not isinstance(new_rank, int) or isinstance(new_rank, bool) or new_rank < 1:
+        target = max(_rank_at(configs[i], p) for p in paths for i in present[p]) if rank is None else rank
+        if not isinstance(target, int) or isinstance(target, bool) or target < 1:
             raise ValueError(f"{where}: rank must be a positive int, got {rank!r}")
-        for p, (ins, outs) in shapes.items():
-            limit = min(math.prod(ins), math.prod(outs))
-            if new_rank > limit:
-                raise ValueError(f"{where}: rank {new_rank} exceeds min(d_in, d_out) = {limit} at {p!r}")
-    if rank is not None and combination != "svd":
-        raise ValueError(f"{where}: rank= is for 'svd'; '{combination}' has rank {new_rank}")
-    return weights, configs, scales, per_adapter, site_paths, shapes, new_rank
+        for p in paths:
+            if target > limits[p]:
+                raise ValueError(f"{where}: rank {target} exceeds min(d_in, d_out) = {limits[p]} at {p!r}")
+            ranks[p] = target
+    return _Plan(combination, weights, configs, per_adapter, paths, shapes, ranks)
 
 
-def _combine_site(factors, weights, scales, ranks, combination, new_rank, in_shape, out_shape):
-    """``(lora_a [*in, new_rank], lora_b [new_rank, *out])`` whose product (scale 1) is the combination."""
+def _combine_site(plan: _Plan, path: str, new_rank: int) -> tuple[jax.Array, jax.Array]:
+    """``(lora_a [*in, new_rank], lora_b [new_rank, *out])`` at ``path``; their product (scale 1) is the combination."""
+    in_shape, out_shape = plan.shapes[path]
     d_in, d_out = math.prod(in_shape), math.prod(out_shape)
     dtype = jnp.float32
-    if combination == "cat":
+    members = []  # (weight * scale, A [d_in, r], B [r, d_out]) of the adapters with this site
+    for w, config, sites in zip(plan.weights, plan.configs, plan.sites):
+        if path in sites:
+            a, b = sites[path]["lora_a"], sites[path]["lora_b"]
+            r = a.shape[-1]
+            members.append((w * _scale_at(config, path), a.astype(dtype).reshape(d_in, r),
+                            b.astype(dtype).reshape(r, d_out)))
+    if plan.combination == "cat":
         # A_cat = [w_1 s_1 A_1, w_2 s_2 A_2, ...] along the rank axis, B_cat = [B_1; B_2; ...]:
         # A_cat B_cat = sum_i w_i s_i A_i B_i exactly (HF PEFT folds the weight into A too).
-        a_parts, b_parts = [], []
-        for f, w, s, r in zip(factors, weights, scales, ranks):
-            if f is None:
-                a_parts.append(jnp.zeros((d_in, r), dtype))
-                b_parts.append(jnp.zeros((r, d_out), dtype))
-            else:
-                a_parts.append((w * s) * f["lora_a"].astype(dtype).reshape(d_in, r))
-                b_parts.append(f["lora_b"].astype(dtype).reshape(r, d_out))
-        a, b = jnp.concatenate(a_parts, axis=1), jnp.concatenate(b_parts, axis=0)
-    elif combination == "linear":
+        a = jnp.concatenate([ws * a_i for ws, a_i, _ in members], axis=1)
+        b = jnp.concatenate([b_i for _, _, b_i in members], axis=0)
+    elif plan.combination == "linear":
         # HF PEFT "linear": A = sum_i sqrt(w_i s_i) A_i and B = sum_i sqrt(w_i s_i) B_i. Their
         # product has cross terms A_i B_j: it is the weighted sum only for one adapter (or
         # adapters sharing A or B).
-        a = jnp.zeros((d_in, new_rank), dtype)
-        b = jnp.zeros((new_rank, d_out), dtype)
-        for f, w, s in zip(factors, weights, scales):
-            if f is not None:
-                c = jnp.sqrt(jnp.asarray(w * s, dtype))
-                a = a + c * f["lora_a"].astype(dtype).reshape(d_in, new_rank)
-                b = b + c * f["lora_b"].astype(dtype).reshape(new_rank, d_out)
+        coefficients = [jnp.sqrt(jnp.asarray(ws, dtype)) for ws, _, _ in members]
+        a = sum(c * a_i for c, (_, a_i, _) in zip(coefficients, members))
+        b = sum(c * b_i for c, (_, _, b_i) in zip(coefficients, members))
     else:
-        delta = jnp.zeros((d_in, d_out), dtype)
-        for f, w, s, r in zip(factors, weights, scales, ranks):
-            if f is not None:
-                a_i = f["lora_a"].astype(dtype).reshape(d_in, r)
-                b_i = f["lora_b"].astype(dtype).reshape(r, d_out)
-                delta = delta + (w * s) * jnp.matmul(a_i, b_i, precision=jax.lax.Precision.HIGHEST)
+        delta = sum(ws * jnp.matmul(a_i, b_i, precision=jax.lax.Precision.HIGHEST) for ws, a_i, b_i in members)
         # Eckart-Young: the truncated SVD is the best rank-k approximation (Frobenius norm).
         u, sv, vt = jnp.linalg.svd(delta, full_matrices=False)
         k = min(new_rank, sv.shape[0])
-        a = u[:, :k]
-        b = sv[:k, None] * vt[:k]  # singular values on B, as HF PEFT does
-        if k < new_rank:
-            a = jnp.pad(a, ((0, 0), (0, new_rank - k)))
-            b = jnp.pad(b, ((0, new_rank - k), (0, 0)))
+        a, b = u[:, :k], sv[:k, None] * vt[:k]  # singular values on B, as HF PEFT does
+    if a.shape[1] < new_rank:  # a uniform rank over the sites: zero columns change nothing
+        a = jnp.pad(a, ((0, 0), (0, new_rank - a.shape[1])))
+        b = jnp.pad(b, ((0, new_rank - b.shape[0]), (0, 0)))
     return a.reshape(*in_shape, new_rank), b.reshape(new_rank, *out_shape)
+
+
+def _new_config(plan: _Plan, adapter: str | None) -> tuple[LoRA, dict[str, int]]:
+    """The combined adapter's config (scale 1 at every site) and the rank each site is stored at."""
+    first = plan.configs[0]
+    fields = {f.name for f in dataclasses.fields(first)}
+    ranks = dict(plan.ranks)
+    values = sorted(set(ranks.values()))
+    changes: dict[str, Any] = {"rslora": False, "targets": tuple(f"^{re.escape(p)}$" for p in plan.paths)}
+    if len(values) == 1 or "rank_pattern" not in fields:
+        # one rank everywhere (sites below it are zero-padded when this LoRA has no rank_pattern)
+        rank = values[-1]
+        ranks = {p: rank for p in ranks}
+        changes.update(rank=rank, alpha=float(rank))
+        if "rank_pattern" in fields:
+            changes.update(rank_pattern=(), alpha_pattern=())
+    else:
+        rank = max(values, key=lambda r: (list(ranks.values()).count(r), r))  # the most common rank
+        other = tuple((f"^{re.escape(p)}$", r) for p, r in ranks.items() if r != rank)
+        changes.update(rank=rank, alpha=float(rank), rank_pattern=other,
+                       alpha_pattern=tuple((regex, float(r)) for regex, r in other))
+    if adapter is not None:
+        if "adapter" not in fields:
+            raise ValueError("add_weighted_adapters: adapter= needs a LoRA with named adapters")
+        changes["adapter"] = adapter
+    return dataclasses.replace(first, **changes), ranks
 
 
 def add_weighted_adapters(
@@ -619,14 +671,17 @@ def add_weighted_adapters(
     *,
     combination: str = "cat",
     rank: int | None = None,
+    adapter: str | None = None,
 ) -> tuple[dict, LoRA]:
     """A weighted combination of LoRA adapters of one model, as one new LoRA adapter.
 
-    With ``s_i = alpha_i / r_i`` each adapter's scale, the combinations are (all three follow HF
-    PEFT's ``add_weighted_adapter``, and the new adapter has ``alpha = rank``, i.e. scale 1):
+    With ``s_i`` each adapter's scale at a site (``alpha_i / r_i``, rsLoRA and per-site
+    patterns included), the combinations are (all three follow HF PEFT's
+    ``add_weighted_adapter``; the new adapter has scale 1 at every site):
 
     * ``"cat"``: ``A = [w_1 s_1 A_1, ..., w_n s_n A_n]`` concatenated along the rank axis,
-      ``B = [B_1; ...; B_n]``: ``A B = sum_i w_i s_i A_i B_i`` *exactly*; rank ``sum_i r_i``.
+      ``B = [B_1; ...; B_n]``: ``A B = sum_i w_i s_i A_i B_i`` *exactly*; rank ``sum_i r_i``
+      (which must stay at most ``min(d_in, d_out)``).
     * ``"svd"``: the dense ``sum_i w_i s_i A_i B_i`` per site, re-factorised by a truncated SVD
       to ``rank`` (default ``max_i r_i``): ``A = U_k``, ``B = S_k V_k^T``. Exact when ``rank``
       is at least ``sum_i r_i``; otherwise the best rank-``k`` approximation (Eckart-Young).
@@ -636,41 +691,36 @@ def add_weighted_adapters(
       weighted sum of the updates (cross terms), except for one adapter or adapters sharing a
       factor. Kept for compatibility with HF PEFT; prefer ``"cat"`` or ``"svd"``.
 
-    An adapter that lacks a site contributes nothing there (``"cat"`` pads with zeros so every
-    site has the same rank). Negative weights subtract an adapter (``"cat"``, ``"svd"``).
+    An adapter that lacks a site contributes nothing there. Negative weights subtract an
+    adapter (``"cat"``, ``"svd"``). Sites that end up with different ranks get a
+    ``rank_pattern`` in the new config (or, for a LoRA without patterns, zero-padded factors).
 
     Args:
       adapters: LoRA adapter trees (the trainable partition, a pruned or restored adapter, the
-        full params, or an NNX ``State``): ``.../lora_a`` ``[*in, r]`` and ``.../lora_b``
-        ``[r, *out]`` under each site path.
+        full params, or an NNX ``State``): the config's ``lora_a`` ``[*in, r]`` and ``lora_b``
+        ``[r, *out]`` leaves (``lora_a@name`` for a named adapter) under each site path.
       weights: one finite weight per adapter (or one number for all; None: 1 each).
-      configs: each adapter's LoRA config (or one for all): the scale comes from it.
+      configs: each adapter's LoRA config (or one for all): scales, ranks and leaf names.
       combination: ``"cat"``, ``"svd"`` or ``"linear"``.
       rank: the target rank for ``"svd"``.
+      adapter: the new adapter's name (default: the first config's).
 
     Returns:
-      ``(adapter, config)``: ``adapter`` is ``{site path...: {"lora_a", "lora_b"}}`` as nested
-      dicts (computed in float32, stored in the first config's ``param_dtype``), ``config`` a ``LoRA`` of the new rank with ``alpha = rank`` and targets
-      the exact site paths. Use: ``peft_model, params = jp.apply(config, model, key, x,
-      params=base)`` then ``jp.insert(params, adapter)``.
+      ``(adapter, config)``: ``adapter`` is ``{site path...: {A name: ..., B name: ...}}`` as
+      nested dicts (computed in float32, stored in the first config's ``param_dtype``),
+      ``config`` a ``LoRA`` with ``alpha = rank`` and targets the exact site paths. Use:
+      ``peft_model, params = jp.apply(config, model, key, x, params=base)`` then
+      ``jp.insert(params, adapter)``.
     """
-    weights, configs, scales, per_adapter, site_paths, shapes, new_rank = _plan_adapters(
-        adapters, weights, configs, combination, rank
-    )
-    ranks = [c.rank for c in configs]
-    dtype = jnp.dtype(configs[0].param_dtype)
+    plan = _plan_adapters(adapters, weights, configs, combination, rank)
+    config, stored_ranks = _new_config(plan, adapter)
+    a_name, b_name = _factor_names(config)
+    dtype = jnp.dtype(plan.configs[0].param_dtype)
     out: dict = {}
-    for p in site_paths:
-        factors = [sites.get(p) for sites in per_adapter]
-        in_shape, out_shape = shapes[p]
-        a, b = _combine_site(factors, weights, scales, ranks, combination, new_rank, in_shape, out_shape)
-        a, b = a.astype(dtype), b.astype(dtype)
+    for p in plan.paths:
+        a, b = _combine_site(plan, p, stored_ranks[p])
         node = out
         for part in p.split("/") if p else []:
             node = node.setdefault(part, {})
-        node["lora_a"], node["lora_b"] = a, b
-    targets = tuple(f"^{re.escape(p)}$" for p in site_paths)
-    config = dataclasses.replace(
-        configs[0], rank=new_rank, alpha=float(new_rank), rslora=False, targets=targets, dropout=configs[0].dropout
-    )
+        node[a_name], node[b_name] = a.astype(dtype), b.astype(dtype)
     return out, config
