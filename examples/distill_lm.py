@@ -16,6 +16,7 @@ Everything is generated on the spot; about a minute or two on 2 CPU cores with t
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 import time
 
@@ -44,6 +45,8 @@ def parse_args(argv):
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--results", action="store_true",
+                   help="also write benchmarks/results/distill_lm_<student>.{json,md} (date, machine, versions)")
     args = p.parse_args(argv)
     if args.steps is None:
         args.steps = 300 if args.student == "small" else 200
@@ -89,7 +92,7 @@ def eval_metrics(student_fn, teacher_fn, temperature):
 
 
 def row(name, m):
-    return (f"  {name:<38} loss {m['loss']:.3f}   accuracy {100 * m['accuracy']:5.1f}%   "
+    return (f"  {name:<56} loss {m['loss']:.3f}   accuracy {100 * m['accuracy']:5.1f}%   "
             f"distillation loss to teacher {m['distillation']:.4f}")
 
 
@@ -117,12 +120,39 @@ def main(argv=None) -> int:
         step = train.make_eval_step(eval_metrics(student_fn, teacher_fn, args.temperature))
         return train.evaluate(step, params, teacher_params, evals[domain])
 
-    if args.student == "small":
-        return distil_small(args, teacher_params, teacher, score, say, t0)
-    return distil_lora(args, teacher_params, teacher, score, say, t0)
+    distil = distil_small if args.student == "small" else distil_lora
+    header, rows = distil(args, teacher_params, teacher, score, say)
+    lines = []
+    for domain in dict.fromkeys(d for d, _, _ in rows):
+        lines.append(f"\nheld-out '{domain}' text (loss in nats per character)")
+        lines += [row(name, m) for d, name, m in rows if d == domain]
+    say("\n".join(lines))
+    seconds = time.perf_counter() - t0
+    say(f"\ndone in {seconds:.1f} s")
+    if args.results:
+        write_results(args, header, rows, seconds)
+    return 0
 
 
-def distil_small(args, teacher_params, teacher, score, say, t0) -> int:
+def write_results(args, header, rows, seconds):
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repository root
+    from benchmarks.common import machine, write
+
+    table = [
+        f"`python examples/distill_lm.py --student {args.student} --results`: {header}; teacher "
+        f"pretrained {args.teacher_steps} steps, students {args.steps} steps, batch {args.batch} x {args.seq}, "
+        f"T={args.temperature}, alpha={args.alpha}, seed {args.seed}; one run, {seconds:.0f} s in all.\n",
+        "| held-out text | model | loss | accuracy | distillation loss to the teacher |",
+        "|---|---|---:|---:|---:|",
+        *[f"| {d} | {name} | {m['loss']:.3f} | {100 * m['accuracy']:.1f}% | {m['distillation']:.4f} |"
+          for d, name, m in rows],
+    ]
+    payload = {"machine": machine(), "args": vars(args), "seconds": seconds,
+               "rows": [{"domain": d, "model": name, **m} for d, name, m in rows]}
+    write(f"distill_lm_{args.student}", payload, "\n".join(table))
+
+
+def distil_small(args, teacher_params, teacher, score, say):
     config = teacher.config.replace(d_model=64, num_layers=2, d_ff=256)
     student = LinenLM(config)
     init = student.init(jax.random.key(args.seed + 1), jnp.zeros((1, args.seq), jnp.int32))["params"]
@@ -146,16 +176,16 @@ def distil_small(args, teacher_params, teacher, score, say, t0) -> int:
     distilled = run(loss_fn, jax.tree.map(jnp.array, init), {"teacher": teacher_params}, batches(), args, 3e-3,
                     say, f"student, distilled (T={args.temperature}, alpha={args.alpha})")
 
-    say("\nheld-out 'animals' text (loss in nats per character)")
-    say(row("teacher", score(lambda p, x: teacher.apply({"params": p}, x), teacher_params, "animals")))
+    rows = [("animals", "teacher", score(lambda p, x: teacher.apply({"params": p}, x), teacher_params, "animals"))]
     for name, params in (("student at init", init), ("student, cross-entropy only", plain),
-                         ("student, distilled", distilled)):
-        say(row(name, score(student_apply, params, "animals")))
-    say(f"\ndone in {time.perf_counter() - t0:.1f} s")
-    return 0
+                         (f"student, distilled (T={args.temperature}, alpha={args.alpha})", distilled)):
+        rows.append(("animals", name, score(student_apply, params, "animals")))
+    header = (f"teacher {teacher.config.num_layers} layers d_model {teacher.config.d_model} "
+              f"({n_teacher:,} parameters), student {config.num_layers} layers d_model {config.d_model} ({n_student:,})")
+    return header, rows
 
 
-def distil_lora(args, teacher_params, teacher, score, say, t0) -> int:
+def distil_lora(args, teacher_params, teacher, score, say):
     example = jnp.zeros((1, args.seq), jnp.int32)
     peft = jp.lora(args.rank, 2.0 * args.rank, targets=r"(query|key|value|out|up|down)$")
     peft_model, params = jp.apply(peft, teacher, jax.random.key(args.seed + 1), example, params=teacher_params)
@@ -178,13 +208,15 @@ def distil_lora(args, teacher_params, teacher, score, say, t0) -> int:
     distilled = run(loss_fn, jax.tree.map(jnp.array, trainable), frozen, batches(), args, 3e-3, say,
                     f"LoRA + distillation toward its base (T={args.temperature}, alpha={args.alpha})")
     apply = lambda p, x: peft_model.apply(p, x)  # noqa: E731
+    rows = []
     for domain in data.DOMAINS:
-        say(f"\nheld-out '{domain}' text (the teacher is the base model)")
-        say(row("base model", score(apply, params, domain)))
-        say(row("LoRA, cross-entropy only", score(apply, jp.combine(plain, frozen), domain)))
-        say(row("LoRA + distillation toward its base", score(apply, jp.combine(distilled, frozen), domain)))
-    say(f"\ndone in {time.perf_counter() - t0:.1f} s")
-    return 0
+        rows.append((domain, "base model (the teacher)", score(apply, params, domain)))
+        rows.append((domain, "LoRA, cross-entropy only", score(apply, jp.combine(plain, frozen), domain)))
+        rows.append((domain, f"LoRA + distillation toward its base (T={args.temperature}, alpha={args.alpha})",
+                     score(apply, jp.combine(distilled, frozen), domain)))
+    header = (f"LoRA r={args.rank} on every linear layer of a {teacher.config.num_layers}-layer d_model "
+              f"{teacher.config.d_model} LM pretrained on 'animals', adapted to 'recipes'")
+    return header, rows
 
 
 if __name__ == "__main__":
