@@ -181,7 +181,8 @@ def distil_small(args, teacher_params, teacher, score, say):
                          (f"student, distilled (T={args.temperature}, alpha={args.alpha})", distilled)):
         rows.append(("animals", name, score(student_apply, params, "animals")))
     header = (f"teacher {teacher.config.num_layers} layers d_model {teacher.config.d_model} "
-              f"({n_teacher:,} parameters), student {config.num_layers} layers d_model {config.d_model} ({n_student:,})")
+              f"({n_teacher:,} parameters), student {config.num_layers} layers d_model {config.d_model} "
+              f"({n_student:,})")
     return header, rows
 
 
