@@ -5,11 +5,17 @@ and ``s = alpha / rank`` (or ``alpha / sqrt(rank)`` with rsLoRA). The update is 
 factored form during training: no ``[d_in, d_out]`` delta is ever built in a train step.
 ``merge`` folds ``s * A B`` into the kernel for serving; ``unmerge`` takes it back out.
 
+Variants in this file: PiSSA initialisation (``init="pissa"``: A and B from the top-r singular
+triplets of W, the residual kept in the base kernel) and per-target ranks / alphas
+(``rank_pattern`` / ``alpha_pattern``, HF PEFT's). See ``docs/lora_variants.md``.
+
 References:
   Hu et al., LoRA: Low-Rank Adaptation of Large Language Models, 2021.
   https://arxiv.org/abs/2106.09685
   Kalajdzievski, A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA (rsLoRA), 2023.
   https://arxiv.org/abs/2312.03732
+  Meng et al., PiSSA: Principal Singular Values and Singular Vectors Adaptation of Large
+  Language Models, 2024. https://arxiv.org/abs/2404.02948
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import jax.numpy as jnp
 from jaxpeft.methods.site import Site, float_kernel, fresh_label, parse_equation
 from jaxpeft.tree import Selector
 
-INITS = ("kaiming_uniform", "gaussian")
+INITS = ("kaiming_uniform", "gaussian", "pissa")
 
 
 def _freeze_selector(selector: Selector) -> Selector:
@@ -34,6 +40,69 @@ def _freeze_selector(selector: Selector) -> Selector:
     if isinstance(selector, (list, set, frozenset)):
         return tuple(_freeze_selector(s) for s in selector)
     return selector
+
+
+def check_adapter_name(method: str, adapter: Any) -> None:
+    """An adapter name is a path-safe word (it suffixes leaf names: ``lora_a@name``)."""
+    if not isinstance(adapter, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", adapter):
+        raise ValueError(f"{method} adapter name must be letters, digits, '_', '.' or '-'; got {adapter!r}")
+
+
+def leaf_names(adapter: str, *names: str) -> tuple[str, ...]:
+    """``names`` as leaves of ``adapter``: unchanged for ``"default"``, else suffixed ``@adapter``."""
+    suffix = "" if adapter == "default" else f"@{adapter}"
+    return tuple(f"{n}{suffix}" for n in names)
+
+
+def leaf_selector(names: tuple[str, ...]) -> str:
+    """A regex selecting the leaves ``names`` anywhere in a parameter tree."""
+    return rf"(^|/)({'|'.join(re.escape(n) for n in names)})$"
+
+
+def selector_config(targets: Selector) -> Any:
+    """``targets`` as JSON data: a string, a list of strings, or its ``repr``."""
+    if isinstance(targets, str):
+        return targets
+    if isinstance(targets, tuple) and all(isinstance(t, str) for t in targets):
+        return list(targets)
+    return repr(targets)
+
+
+Pattern = tuple[tuple[str, Any], ...]
+
+
+def _freeze_pattern(method: str, field: str, pattern: Any, check: Callable[[Any], bool], what: str) -> Pattern:
+    """A ``{regex: value}`` mapping (or pairs) as a hashable tuple of pairs, order kept, validated."""
+    if pattern is None:
+        return ()
+    items = tuple(pattern.items()) if isinstance(pattern, Mapping) else tuple(tuple(p) for p in pattern)
+    for item in items:
+        if len(item) != 2 or not isinstance(item[0], str):
+            raise ValueError(f"{method} {field} maps regex strings to values; got the entry {item!r}")
+        regex, value = item
+        try:
+            re.compile(regex)
+        except re.error as e:
+            raise ValueError(f"{method} {field}: {regex!r} is not a valid regex ({e})") from None
+        if not check(value):
+            raise ValueError(f"{method} {field}[{regex!r}] must be {what}, got {value!r}")
+    return items
+
+
+def pattern_value(pattern: Pattern, path: str, default: Any) -> Any:
+    """The value of the first regex in ``pattern`` that ``re.search`` finds in ``path``, else ``default``."""
+    for regex, value in pattern:
+        if re.search(regex, path):
+            return value
+    return default
+
+
+def _is_rank(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_alpha(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +119,16 @@ class LoRA:
       dropout: dropout rate on the LoRA input ``x`` (only when an RNG is given).
       init: ``"kaiming_uniform"`` (A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)), the HF PEFT default) or
         ``"gaussian"`` (A ~ N(0, 1/r^2)); B is zero either way, so the model starts as the base.
+        ``"pissa"``: A and B from the top-r singular triplets of W (``s A B = W_r``) and the base
+        kernel replaced by the residual ``W - s A B`` in the new params (``updates_base``), so
+        the model again starts as the base; see ``pissa_factors``.
       param_dtype: dtype of ``lora_a`` / ``lora_b`` (float32 by default, also over bf16 bases).
       adapter: the adapter's name. ``"default"`` keeps the leaves ``lora_a`` / ``lora_b``; any other
         name gives ``lora_a@name`` / ``lora_b@name``, so several adapters live on one base.
+      rank_pattern: ``((regex, rank), ...)`` (a dict is accepted): the first regex that
+        ``re.search`` finds in a site's module path gives that site's rank (HF PEFT's
+        ``rank_pattern``); other sites use ``rank``.
+      alpha_pattern: the same for ``alpha``.
     """
 
     rank: int = 8
@@ -63,39 +139,83 @@ class LoRA:
     init: str = "kaiming_uniform"
     param_dtype: str = "float32"
     adapter: str = "default"
+    rank_pattern: Pattern = ()
+    alpha_pattern: Pattern = ()
 
     name: ClassVar[str] = "lora"
 
     def __post_init__(self):
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+        if not _is_rank(self.rank):
             raise ValueError(f"LoRA rank must be a positive int, got {self.rank!r}")
-        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha)):
+        if not _is_alpha(self.alpha):
             raise ValueError(f"LoRA alpha must be a finite number, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.adapter, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.adapter):
-            raise ValueError(f"LoRA adapter name must be letters, digits, '_', '.' or '-'; got {self.adapter!r}")
+        check_adapter_name("LoRA", self.adapter)
         if self.init not in INITS:
             raise ValueError(f"LoRA init must be one of {INITS}, got {self.init!r}")
         object.__setattr__(self, "targets", _freeze_selector(self.targets))
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
+        object.__setattr__(
+            self, "rank_pattern", _freeze_pattern("LoRA", "rank_pattern", self.rank_pattern, _is_rank, "a positive int")
+        )
+        object.__setattr__(
+            self, "alpha_pattern", _freeze_pattern("LoRA", "alpha_pattern", self.alpha_pattern, _is_alpha, "a finite number")
+        )
+
+    @property
+    def updates_base(self) -> bool:
+        """PiSSA keeps the residual ``W - s A B`` in the base kernel (``init_site`` returns ``"kernel"``)."""
+        return self.init == "pissa"
 
     @property
     def scale(self) -> float:
-        """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (rsLoRA eq. 4)."""
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+        """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (rsLoRA eq. 4).
+
+        With ``rank_pattern`` / ``alpha_pattern`` the scale depends on the site: use ``scale_at``.
+        """
+        if self.rank_pattern or self.alpha_pattern:
+            raise ValueError(
+                "LoRA.scale is not one number when rank_pattern / alpha_pattern are set; "
+                "use scale_at(path) for a site's scale"
+            )
+        return self._scale(self.alpha, self.rank)
+
+    def _scale(self, alpha: float, rank: int) -> float:
+        return alpha / (math.sqrt(rank) if self.rslora else rank)
+
+    def rank_at(self, path: str) -> int:
+        """The rank at the site with module path ``path`` (``rank_pattern``, else ``rank``)."""
+        return pattern_value(self.rank_pattern, path, self.rank)
+
+    def alpha_at(self, path: str) -> float:
+        """The alpha at the site with module path ``path`` (``alpha_pattern``, else ``alpha``)."""
+        return float(pattern_value(self.alpha_pattern, path, self.alpha))
+
+    def scale_at(self, path: str) -> float:
+        """The update's scale at the site with module path ``path``."""
+        return self._scale(self.alpha_at(path), self.rank_at(path))
+
+    def _merge_scale(self, params: Mapping[str, jax.Array], site: Site | None) -> float:
+        if site is not None:
+            return self.scale_at(site.path)
+        if self.alpha_pattern:
+            raise ValueError(
+                "LoRA with alpha_pattern: merge_site / unmerge_site need the site (merge_site(params, base, "
+                "site=site)) to know the site's alpha; the factors alone give only its rank"
+            )
+        # The rank is the factors' own (rank_pattern included); alpha is the one default alpha.
+        return self._scale(self.alpha, self._factors(params)[0].shape[-1])
 
     @property
     def param_names(self) -> tuple[str, str]:
         """The leaf names this adapter adds at each site: ``(A, B)``."""
-        suffix = "" if self.adapter == "default" else f"@{self.adapter}"
-        return f"lora_a{suffix}", f"lora_b{suffix}"
+        return leaf_names(self.adapter, "lora_a", "lora_b")
 
     @property
     def trainable(self) -> Selector:
         """Selector of this adapter's leaves in a parameter tree."""
-        a, b = (re.escape(n) for n in self.param_names)
-        return rf"(^|/)({a}|{b})$"
+        return leaf_selector(self.param_names)
 
     def _factors(self, params: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         a, b = self.param_names
@@ -103,43 +223,71 @@ class LoRA:
 
     def config(self) -> dict[str, Any]:
         """A JSON-serialisable description (saved with adapter checkpoints)."""
-        targets = self.targets
-        if not isinstance(targets, (str, tuple)) or (
-            isinstance(targets, tuple) and not all(isinstance(t, str) for t in targets)
-        ):
-            targets = repr(targets)
-        return {
+        config = {
             "method": self.name,
             "rank": self.rank,
             "alpha": self.alpha,
-            "targets": list(targets) if isinstance(targets, tuple) else targets,
+            "targets": selector_config(self.targets),
             "rslora": self.rslora,
             "dropout": self.dropout,
             "init": self.init,
             "param_dtype": self.param_dtype,
             "adapter": self.adapter,
         }
+        # Only when set: configs saved before the patterns existed compare equal.
+        if self.rank_pattern:
+            config["rank_pattern"] = dict(self.rank_pattern)
+        if self.alpha_pattern:
+            config["alpha_pattern"] = dict(self.alpha_pattern)
+        return config
 
     def check_site(self, site: Site) -> None:
         """Raise before any work if this method cannot attach to ``site``."""
+        rank = self.rank_at(site.path)
         limit = min(site.in_features, site.out_features)
-        if self.rank > limit:
+        if rank > limit:
             raise ValueError(
-                f"LoRA rank {self.rank} at {site.path!r} exceeds min(d_in, d_out) = {limit} "
+                f"LoRA rank {rank} at {site.path!r} exceeds min(d_in, d_out) = {limit} "
                 f"(kernel {site.kernel_shape}, {site.layer_type})"
             )
 
     def init_site(self, key: jax.Array, site: Site, base: Mapping[str, Any] | None = None) -> dict[str, jax.Array]:
-        """``{A: [*in_shape, r], B: [r, *out_shape]}`` under ``param_names``; B = 0 (LoRA sec. 4.1)."""
+        """``{A: [*in_shape, r], B: [r, *out_shape]}`` under ``param_names``; B = 0 (LoRA sec. 4.1).
+
+        With ``init="pissa"`` also ``{"kernel": W - s A B}`` (the residual replaces the base kernel).
+        """
+        rank = self.rank_at(site.path)
+        if self.init == "pissa":
+            if base is None or "kernel" not in base:
+                raise ValueError(f"PiSSA init at {site.path!r} needs the layer's kernel (init_site(key, site, base))")
+            return self._init_pissa(site, base, rank)
         dtype = jnp.dtype(self.param_dtype)
-        a_shape = (*site.in_shape, self.rank)
+        a_shape = (*site.in_shape, rank)
         if self.init == "kaiming_uniform":
             bound = 1.0 / math.sqrt(site.in_features)
             lora_a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
         else:
-            lora_a = jax.random.normal(key, a_shape, dtype) / self.rank
-        lora_b = jnp.zeros((self.rank, *site.out_shape), dtype)
+            lora_a = jax.random.normal(key, a_shape, dtype) / rank
+        lora_b = jnp.zeros((rank, *site.out_shape), dtype)
         return dict(zip(self.param_names, (lora_a, lora_b)))
+
+    def _init_pissa(self, site: Site, base: Mapping[str, Any], rank: int) -> dict[str, Any]:
+        scale = self.scale_at(site.path)
+        lora_a, lora_b = pissa_factors(float_kernel(base, jnp.float32), site, rank, scale)
+        lora_a, lora_b = lora_a.astype(self.param_dtype), lora_b.astype(self.param_dtype)
+        # The residual is taken with the stored (param_dtype) factors, the ones the forward uses.
+        residual = float_kernel(base, jnp.float32) - scale * lora_product(lora_a.astype(jnp.float32),
+                                                                          lora_b.astype(jnp.float32))
+        kernel = base["kernel"]
+        from jaxpeft.quant import QuantizedArray, quantize_array
+
+        if isinstance(kernel, QuantizedArray):
+            # QPiSSA: the residual goes back on the same 4/8-bit grid as the kernel it replaces.
+            new_kernel = quantize_array(residual.astype(kernel.dtype), scheme=kernel.scheme,
+                                        block_size=kernel.block_size, double_quant=kernel.double_quant)
+        else:
+            new_kernel = residual.astype(kernel.dtype)
+        return {**dict(zip(self.param_names, (lora_a, lora_b))), "kernel": new_kernel}
 
     def apply_site(
         self,
@@ -162,22 +310,75 @@ class LoRA:
         """
         y = base_fn(x)
         lora_a, lora_b = self._factors(params)
-        return y + lora_delta(lora_a, lora_b, site, x, self.scale, self.dropout, rng).astype(y.dtype)
+        scale = self.scale_at(site.path)
+        return y + lora_delta(lora_a, lora_b, site, x, scale, self.dropout, rng).astype(y.dtype)
 
-    def merge_site(self, params: Mapping[str, jax.Array], base: Mapping[str, Any]) -> dict[str, Any]:
-        """``W + s A B`` in the kernel's dtype (``base``: the layer's ``kernel`` and ``bias``)."""
+    def merge_site(
+        self, params: Mapping[str, jax.Array], base: Mapping[str, Any], site: Site | None = None
+    ) -> dict[str, Any]:
+        """``W + s A B`` in the kernel's dtype (``base``: the layer's ``kernel`` and ``bias``).
+
+        ``site`` is needed only with ``alpha_pattern`` (the site's alpha); the rank is the factors'.
+        """
         kernel = float_kernel(base)
-        return {**base, "kernel": (kernel + self.scale * lora_product(*self._factors(params))).astype(kernel.dtype)}
+        scale = self._merge_scale(params, site)
+        return {**base, "kernel": (kernel + scale * lora_product(*self._factors(params))).astype(kernel.dtype)}
 
-    def unmerge_site(self, params: Mapping[str, jax.Array], base: Mapping[str, Any]) -> dict[str, Any]:
+    def unmerge_site(
+        self, params: Mapping[str, jax.Array], base: Mapping[str, Any], site: Site | None = None
+    ) -> dict[str, Any]:
         """``W - s A B``: the inverse of ``merge_site``."""
         kernel = float_kernel(base)
-        return {**base, "kernel": (kernel - self.scale * lora_product(*self._factors(params))).astype(kernel.dtype)}
+        scale = self._merge_scale(params, site)
+        return {**base, "kernel": (kernel - scale * lora_product(*self._factors(params))).astype(kernel.dtype)}
 
 
 def lora_product(lora_a: jax.Array, lora_b: jax.Array) -> jax.Array:
     """``A B`` contracted over the rank axis: ``[*in_shape, *out_shape]``, the kernel's shape."""
     return jnp.tensordot(lora_a, lora_b, axes=1, precision=jax.lax.Precision.HIGHEST)
+
+
+def pissa_factors(kernel: jax.Array, site: Site, rank: int, scale: float) -> tuple[jax.Array, jax.Array]:
+    """PiSSA's A and B: the top-``rank`` singular triplets of the kernel, split evenly (PiSSA eq. 2-3).
+
+    With ``W = U S V^T`` (the kernel flattened to ``[d_in, d_out]``):
+    ``A = U_r sqrt(S_r) / sqrt(s)`` and ``B = sqrt(S_r) V_r^T / sqrt(s)``, so ``s A B = U_r S_r V_r^T``,
+    the best rank-``r`` approximation of W. ``W - s A B`` does not depend on the singular vectors'
+    signs, so recomputing the residual from W reproduces it (up to float rounding).
+
+    Args:
+      kernel: ``[*in_shape, *out_shape]``, float.
+      site: the layer (for its input / output axes).
+      rank: ``r``.
+      scale: the LoRA scale ``s`` at this site.
+    Returns:
+      ``A: [*in_shape, r]``, ``B: [r, *out_shape]`` in float32.
+    """
+    w = kernel.astype(jnp.float32).reshape(site.in_features, site.out_features)
+    u, sv, vt = jnp.linalg.svd(w, full_matrices=False)
+    root = jnp.sqrt(sv[:rank] / scale)
+    lora_a = u[:, :rank] * root
+    lora_b = root[:, None] * vt[:rank]
+    return lora_a.reshape(*site.in_shape, rank), lora_b.reshape(rank, *site.out_shape)
+
+
+def pissa_to_lora(
+    lora_a: jax.Array, lora_b: jax.Array, initial_a: jax.Array, initial_b: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """A trained PiSSA adapter as a LoRA of rank ``2r`` on the *original* kernel (same scale ``s``).
+
+    PiSSA trains ``W_res + s A B`` with ``W_res = W - s A0 B0``, so the update to the original W is
+    ``s (A B - A0 B0) = s [A, A0] [B; -B0]``: exact, and it needs no residual to travel with it.
+    The result is a LoRA with rank ``2r`` whose alpha keeps the scale ``s`` (``2 alpha`` without
+    rsLoRA, ``sqrt(2) alpha`` with it).
+
+    Args:
+      lora_a, lora_b: the trained factors ``[*in_shape, r]``, ``[r, *out_shape]``.
+      initial_a, initial_b: the factors PiSSA started from (``init_site`` on the original kernel).
+    Returns:
+      ``(A': [*in_shape, 2r], B': [2r, *out_shape])``.
+    """
+    return jnp.concatenate([lora_a, initial_a], axis=-1), jnp.concatenate([lora_b, -initial_b], axis=0)
 
 
 def lora_delta(
@@ -229,12 +430,21 @@ def lora(
     init: str = "kaiming_uniform",
     param_dtype: str = "float32",
     adapter: str = "default",
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
 ) -> LoRA:
     """A LoRA transform. ``alpha`` defaults to ``rank`` (scale 1).
 
     Example::
 
       peft = jp.lora(rank=8, alpha=16, targets=r"attn/(query|value)$")
+      peft = jp.lora(8, 16, targets=r"attn/(query|value)$|mlp/up$", rank_pattern={r"mlp/": 4})
+      peft = jp.lora(8, 16, targets=r"attn/(query|value)$", init="pissa")   # PiSSA
+
+    ``rank_pattern`` / ``alpha_pattern``: ``{regex: value}``; at each site the first regex that
+    ``re.search`` finds in the module path wins (HF PEFT's options). An ``alpha_pattern`` value
+    is used as given; a site whose rank comes from ``rank_pattern`` and alpha from ``alpha``
+    keeps the default alpha (so its scale is ``alpha / rank_at(path)``).
     """
     return LoRA(
         rank=rank,
@@ -245,6 +455,8 @@ def lora(
         init=init,
         param_dtype=param_dtype,
         adapter=adapter,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
     )
 
 

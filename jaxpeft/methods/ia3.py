@@ -1,0 +1,259 @@
+"""(IA)^3: learned rescaling vectors on a linear layer's output or input.
+
+Infused Adapter by Inhibiting and Amplifying Inner Activations (Liu et al. 2022, sec. 3.3) learns
+one vector per targeted layer, initialised to ones:
+
+* on keys and values (any site not selected by ``feedforward``): the layer's output is scaled,
+  ``y = (x W + b) * l`` with ``l: [*out_shape]``. The bias is scaled too, as HF PEFT does (it
+  multiplies the base layer's whole output), so the merged layer is ``W * l``, ``b * l``;
+* on the MLP intermediate (sites selected by ``feedforward``, HF PEFT's ``feedforward_modules``,
+  the MLP's down projection): the layer's *input* is scaled, ``y = (x * l) W + b`` with
+  ``l: [*in_shape]`` (the paper's ``(l_ff * gamma(W_1 x)) W_2``; stored as ``[*in_shape, 1, ...]``
+  so it broadcasts against the kernel); merged: the kernel's input rows times ``l``, bias unchanged.
+
+Both merges are exact (a product folded into the kernel), and ``unmerge`` divides it back out,
+which needs every entry of ``l`` nonzero.
+
+Reference:
+  Liu et al., Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context
+  Learning, 2022. https://arxiv.org/abs/2205.05638
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpeft.methods.lora import _freeze_selector, check_adapter_name, leaf_names, leaf_selector, selector_config
+from jaxpeft.methods.site import Site, float_kernel, parse_equation
+from jaxpeft.tree import Selector
+
+IA3_TARGETS = r"attn/(key|value)$|mlp/down$"
+IA3_FEEDFORWARD = r"mlp/down$"
+
+
+def broadcast_along(vector: jax.Array, vector_labels: str, layout: str, ndim: int) -> jax.Array:
+    """``vector`` reshaped to broadcast against an array whose einsum labels are ``layout``.
+
+    Args:
+      vector: shaped by ``vector_labels`` (e.g. a kernel's output axes ``"hd"``).
+      vector_labels: one einsum label per axis of ``vector``; each must occur in ``layout``.
+      layout: the target array's labels, possibly with ``"..."`` (``"...hd"``, ``"bnth"``).
+      ndim: the target array's rank (to size the ``"..."``).
+    Returns:
+      ``vector`` transposed to ``layout``'s order, with size-1 axes everywhere else.
+    """
+    head, _, tail = layout.partition("...")
+    if "..." in layout:
+        labels = list(head) + [None] * (ndim - len(head) - len(tail)) + list(tail)
+    else:
+        labels = list(layout)
+    order = "".join(c for c in labels if c is not None and c in vector_labels)
+    if sorted(order) != sorted(vector_labels):
+        raise ValueError(f"labels {vector_labels!r} are not all in the layout {layout!r}")
+    if order != vector_labels:
+        vector = jnp.einsum(f"{vector_labels}->{order}", vector)
+    shape = [vector.shape[order.index(c)] if c is not None and c in order else 1 for c in labels]
+    return vector.reshape(shape)
+
+
+def bias_labels(site: Site) -> str:
+    """The bias's axes as einsum labels: the kernel's output axes in the *output's* order (Flax's layout)."""
+    _, _, out = parse_equation(site.equation)
+    return "".join(c for c in out if c in site.out_labels)
+
+
+def _check_feedforward(feedforward: Any) -> Any:
+    feedforward = _freeze_selector(feedforward)
+    items = feedforward if isinstance(feedforward, tuple) else (feedforward,)
+    if feedforward is not None and not all(isinstance(s, (str, re.Pattern)) for s in items):
+        raise TypeError(
+            "IA3 feedforward is a regex (or a list of regexes) over module paths, matched with re.search "
+            f"against each targeted site's path; got {feedforward!r}"
+        )
+    return feedforward
+
+
+def _is_feedforward(feedforward: Any, path: str) -> bool:
+    if feedforward is None:
+        return False
+    items = feedforward if isinstance(feedforward, tuple) else (feedforward,)
+    return any(re.search(s, path) is not None for s in items)
+
+
+def _check_nonzero(scale: jax.Array, where: str) -> None:
+    if isinstance(scale, jax.core.Tracer):
+        return  # under jit: a zero makes inf / nan, as documented
+    values = np.asarray(scale)
+    if not np.all(values != 0):
+        raise ValueError(
+            f"IA3 unmerge at {where}: {int(np.sum(values == 0))} entries of the scale are 0, so the merge "
+            "multiplied those kernel slices by 0 and they cannot be recovered; keep the unmerged params"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class IA3:
+    """(IA)^3 configuration and its pure per-site functions.
+
+    Attributes:
+      targets: selector over module paths (``IA3_TARGETS``: keys, values and the MLP down projection).
+      feedforward: regex(es) over module paths picking which targeted sites scale their *input*
+        (the MLP intermediate) rather than their output; ``None``: all scale their output.
+      param_dtype: dtype of the scaling vectors.
+      adapter: the adapter's name; non-default names suffix the leaf (``ia3_scale@name``).
+    """
+
+    targets: Selector = IA3_TARGETS
+    feedforward: Any = IA3_FEEDFORWARD
+    param_dtype: str = "float32"
+    adapter: str = "default"
+
+    name: ClassVar[str] = "ia3"
+
+    def __post_init__(self):
+        check_adapter_name("IA3", self.adapter)
+        object.__setattr__(self, "targets", _freeze_selector(self.targets))
+        object.__setattr__(self, "feedforward", _check_feedforward(self.feedforward))
+        object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
+
+    @property
+    def param_names(self) -> tuple[str]:
+        """The leaf this adapter adds at each site: the scaling vector."""
+        return leaf_names(self.adapter, "ia3_scale")
+
+    @property
+    def trainable(self) -> Selector:
+        return leaf_selector(self.param_names)
+
+    @property
+    def param_axes(self) -> Mapping[str, tuple[Any, ...]] | None:
+        """Sharding axes (``jaxpeft.sharding``): known only when no site scales its input.
+
+        The vector follows the kernel's output axes at output-scaling sites and its input axes at
+        ``feedforward`` sites; ``param_axes`` is one mapping per method, not per site, so with a
+        ``feedforward`` selector the vectors are left replicated (they are ``d`` floats each).
+        """
+        if self.feedforward is None:
+            return {self.param_names[0]: ("out",)}
+        return None
+
+    def is_feedforward(self, site: Site) -> bool:
+        """Whether ``site`` scales its input (an MLP down projection) rather than its output."""
+        return _is_feedforward(self.feedforward, site.path)
+
+    def config(self) -> dict[str, Any]:
+        feedforward = self.feedforward
+        if isinstance(feedforward, re.Pattern):
+            feedforward = feedforward.pattern
+        elif isinstance(feedforward, tuple):
+            feedforward = [f.pattern if isinstance(f, re.Pattern) else f for f in feedforward]
+        return {
+            "method": self.name,
+            "targets": selector_config(self.targets),
+            "feedforward": feedforward,
+            "param_dtype": self.param_dtype,
+            "adapter": self.adapter,
+        }
+
+    def check_site(self, site: Site) -> None:
+        """Every linear site works: the vector takes the kernel's output (or input) axes."""
+
+    def init_site(self, key: jax.Array, site: Site, base: Mapping[str, Any] | None = None) -> dict[str, jax.Array]:
+        """``{ia3_scale: ones}`` (identity): ``[*in_shape, 1, ..., 1]`` at feedforward sites, else ``[*out_shape]``.
+
+        The feedforward vector has a 1 per output axis so that it broadcasts against the kernel
+        (HF PEFT stores it as ``[1, in_features]`` in torch's layout for the same reason); the
+        shapes differ in rank, which tells ``merge_site`` where the vector sits.
+        """
+        if self.is_feedforward(site):
+            shape = (*site.in_shape, *([1] * len(site.out_shape)))
+        else:
+            shape = site.out_shape
+        return {self.param_names[0]: jnp.ones(shape, self.param_dtype)}
+
+    def apply_site(
+        self,
+        params: Mapping[str, jax.Array],
+        site: Site,
+        x: jax.Array,
+        base_fn: Callable[[jax.Array], jax.Array],
+        *,
+        rng: jax.Array | None = None,
+        base: Mapping[str, Any] | None = None,
+        shared: Mapping[str, jax.Array] | None = None,
+    ) -> jax.Array:
+        """``base_fn(x * l)`` at feedforward sites, ``base_fn(x) * l`` elsewhere.
+
+        Args:
+          params: ``{ia3_scale: [*in_shape, 1, ..., 1] or [*out_shape]}``.
+          x: the layer input, ``[..., *in_shape]`` for a Dense.
+          base_fn: the base layer's computation (or the previous method's).
+        """
+        (scale,) = (params[n] for n in self.param_names)
+        lhs, _, out = parse_equation(site.equation)
+        if self.is_feedforward(site):
+            # IA3 eq. in sec. 3.3: (l_ff * gamma(W_1 x)) W_2, the vector on the down projection's input.
+            l_in = broadcast_along(scale.reshape(site.in_shape), site.in_labels, lhs, x.ndim)
+            return base_fn((x * l_in).astype(x.dtype))
+        y = base_fn(x)
+        l_out = broadcast_along(scale, site.out_labels, out, y.ndim)
+        return (y * l_out).astype(y.dtype)
+
+    def merge_site(self, params: Mapping[str, jax.Array], base: Mapping[str, Any], site: Site | None = None) -> dict:
+        """Kernel input rows times ``l`` (feedforward) or kernel output columns and bias times ``l``."""
+        return self._fold(params, base, site, invert=False)
+
+    def unmerge_site(self, params: Mapping[str, jax.Array], base: Mapping[str, Any], site: Site | None = None) -> dict:
+        """Divide ``l`` back out of what ``merge_site`` multiplied (``l`` must have no zero entry)."""
+        return self._fold(params, base, site, invert=True)
+
+    def _fold(self, params: Mapping[str, jax.Array], base: Mapping[str, Any], site: Site | None, invert: bool) -> dict:
+        (scale,) = (params[n] for n in self.param_names)
+        kernel = float_kernel(base)
+        if invert:
+            _check_nonzero(scale, repr(site.path) if site is not None else "a site")
+        factor = scale.astype(jnp.float32)
+        fold = jnp.divide if invert else jnp.multiply
+        # Both shapes broadcast against the kernel [*in_shape, *out_shape]: a feedforward vector is
+        # [*in_shape, 1, ..., 1] (the kernel's rank), an output vector [*out_shape] (fewer axes).
+        feedforward = scale.ndim == kernel.ndim
+        out = dict(base)
+        out["kernel"] = fold(kernel.astype(jnp.float32), factor).astype(kernel.dtype)
+        bias = base.get("bias")
+        if not feedforward and bias is not None:
+            if site is not None:
+                factor = broadcast_along(factor, site.out_labels, bias_labels(site), bias.ndim)
+            elif bias.shape != factor.shape:
+                raise ValueError(f"IA3 merge: bias {bias.shape} and scale {factor.shape} differ; pass site=...")
+            out["bias"] = fold(bias.astype(jnp.float32), factor).astype(bias.dtype)
+        return out
+
+
+def ia3(
+    targets: Selector = IA3_TARGETS,
+    feedforward: Any = IA3_FEEDFORWARD,
+    *,
+    param_dtype: str = "float32",
+    adapter: str = "default",
+) -> IA3:
+    """An (IA)^3 transform: ones-initialised scaling vectors (https://arxiv.org/abs/2205.05638).
+
+    Example::
+
+      peft = jp.ia3(targets=r"attn/(key|value)$|mlp/down$", feedforward=r"mlp/down$")
+
+    Args:
+      targets: the layers to scale (default: keys, values and the MLP down projection).
+      feedforward: which of them scale their input (the MLP intermediate) instead of their output;
+        a regex or list of regexes matched with ``re.search`` on the module path; ``None``: none.
+      param_dtype: dtype of the vectors.
+      adapter: the adapter's name.
+    """
+    return IA3(targets=targets, feedforward=feedforward, param_dtype=param_dtype, adapter=adapter)
