@@ -5,6 +5,11 @@ The user's module is never rebuilt or subclassed. ``PeftLinen.apply`` runs
 the layer's own computation with the methods placed there. PEFT leaves live in the same
 ``params`` tree, beside the layer's kernel (``layers_0/attn/query/lora_a``), so one tree
 holds everything and ``partition`` splits it.
+
+Two interceptions sit above the layers: the root module's ``__call__`` runs the soft prompts
+(model-level methods, their leaves at the top of the tree: ``prompt/embeddings``), and the
+``__call__`` of an attention module whose key / value projections carry a prefix gets its
+``mask`` grown by the prefix length (``jaxpeft.bind.model``).
 """
 
 from __future__ import annotations
@@ -18,7 +23,18 @@ import flax.linen as nn
 import jax
 from flax.core import unfreeze
 
-from jaxpeft.bind.plan import SHARED, Layer, Placement, plan, shared_key, with_shared
+from jaxpeft.bind import model as model_level
+from jaxpeft.bind.plan import (
+    SHARED,
+    Layer,
+    Placement,
+    is_model_method,
+    model_methods,
+    outermost_last,
+    plan,
+    shared_key,
+    with_shared,
+)
 from jaxpeft.bind.quantized import dequantized_kernel, is_quantized
 from jaxpeft.bind.select import Adapters, adapter_of, check_mixed, mixed_call, resolve
 from jaxpeft.methods.site import Site, dense_general_equation
@@ -74,11 +90,17 @@ def discover(model: nn.Module, params: Any, *args: Any, **kwargs: Any) -> tuple[
 
     Runs under ``jax.eval_shape``: no FLOP is spent.
     """
+    return _discover(model, params, args, kwargs)
+
+
+def _discover(model: nn.Module, params: Any, args: tuple, kwargs: dict, on_call=None) -> tuple[Layer, ...]:
     found: dict[str, Layer] = {}
 
     def record(next_fun, call_args, call_kwargs, context):
         module = context.module
         path = _module_path(module)
+        if on_call is not None and context.method_name == "__call__":
+            on_call(path, module)
         if context.method_name == "__call__" and path and path not in found:
             own = module.variables.get("params", {})
             names = tuple(k for k, v in own.items() if not isinstance(v, Mapping))
@@ -126,9 +148,15 @@ class PeftLinen:
         return self.peft.trainable
 
     @property
+    def model_methods(self) -> tuple[Transform, ...]:
+        """The model-level methods (soft prompts), in chain order."""
+        return model_methods(self.peft)
+
+    @property
     def adapter_names(self) -> tuple[str, ...]:
         """The adapters bound to this model, in order of first appearance."""
-        return tuple(dict.fromkeys(adapter_of(m) for p in self.placements for m in p.methods))
+        methods = [m for p in self.placements for m in p.methods] + list(self.model_methods)
+        return tuple(dict.fromkeys(adapter_of(m) for m in methods))
 
     def apply(
         self,
@@ -160,13 +188,36 @@ class PeftLinen:
         else:
             active = resolve(adapters, self.adapter_names)
         by_path = {p.site.path: p for p in self.placements}
+        is_active = lambda m: adapter_of(m) in active  # noqa: E731
+        prompts = [m for m in self.model_methods if is_active(m)]
+        if adapter_ids is not None and prompts:
+            raise TypeError(f"mixed-adapter batches support LoRA adapters only; soft prompts {[adapter_of(m) for m in prompts]} "
+                            "are among the chosen adapters")
+        # Attention modules (parents of prefixed projections) -> {projection: rows it prepends}.
+        prefixed: dict[str, dict[str, int]] = {}
+        for p in self.placements:
+            rows = model_level.sequence_extension(p.methods, is_active)
+            if any(getattr(m, "extends_sequence", False) for m in p.methods):
+                prefixed.setdefault(p.site.path.rpartition("/")[0], {})[p.site.path] = rows
 
         def intercept(next_fun, call_args, call_kwargs, context):
             if context.method_name != "__call__":
                 return next_fun(*call_args, **call_kwargs)
             module = context.module
-            placement = by_path.get(_module_path(module))
-            methods = [m for m in placement.methods if adapter_of(m) in active] if placement else []
+            path = _module_path(module)
+            if path in prefixed:
+                extra = model_level.prefix_length(prefixed[path], path)
+                call_fn, inner = type(module).__call__, next_fun
+                next_fun = lambda *a, **k: model_level.call_with_prefix_mask(  # noqa: E731
+                    inner, call_fn, module, a, k, extra, path
+                )
+            if not path and prompts:
+                return model_level.call_with_prompts(
+                    [(m, _group(params, m)) for m in prompts], next_fun, type(module).__call__, module,
+                    call_args, call_kwargs, module.embed_tokens,
+                )
+            placement = by_path.get(path)
+            methods = outermost_last([m for m in placement.methods if is_active(m)]) if placement else []
             if not methods:
                 return _call_base(module, next_fun, call_args, call_kwargs)
             x, rest = call_args[0], call_args[1:]
@@ -197,6 +248,12 @@ class PeftLinen:
             return self.model.apply(variables, *args, rngs=rngs, method=method, mutable=mutable, **kwargs)
 
     __call__ = apply
+
+
+def _group(params: Mapping, method: Transform) -> Mapping:
+    if method.group not in params:
+        raise KeyError(f"params lack the top-level {method.group!r} of {type(method).__name__}: were they dropped or renamed?")
+    return params[method.group]
 
 
 BASE_LEAVES = ("kernel", "bias")
@@ -242,13 +299,44 @@ def apply_linen(
       params: the base ``params`` collection; never modified (new dicts, same arrays).
         None initialises a base with ``model.init``.
     """
-    methods_of(peft)
+    methods = methods_of(peft)
+    prompts = model_methods(peft)
+    if prompts:
+        model_level.check_prompt_protocol(model, type(model).__call__)
+    extends = any(getattr(m, "extends_sequence", False) for m in methods)
     base_key, peft_key = jax.random.split(key)
     if params is None:
         params = model.init(base_key, *args, **kwargs)["params"]
     params = unfreeze(params) if not isinstance(params, dict) else params
     if isinstance(params, dict) and set(params) == {"params"}:
         raise ValueError("pass the 'params' collection itself, not the variables dict {'params': ...}")
-    layers = discover(model, params, *args, **kwargs)
+
+    def refuse_decode(path, module):
+        # A decode=True attention cannot even be discovered without its cache; say why first.
+        if extends and model_level.has_decode(module):
+            raise model_level.decode_error(path, module)
+
+    layers = _discover(model, params, args, kwargs, on_call=refuse_decode)
     placements = plan(peft, layers, WRAPPABLE)
-    return PeftLinen(model, peft, placements, layers), init_params(placements, peft_key, params)
+    new = init_params(placements, peft_key, params)
+    if prompts:
+        new = init_model_params(prompts, model, jax.random.fold_in(peft_key, 1), new)
+    return PeftLinen(model, peft, placements, layers), new
+
+
+def init_model_params(methods: tuple[Transform, ...], model: nn.Module, key: jax.Array, params: dict) -> dict:
+    """``params`` with each model-level method's leaves added under its ``group`` (a new tree).
+
+    The methods see the frozen token embedding (``embed_tokens``) to start from vocabulary rows or a text.
+    """
+    from jaxpeft.methods.prompt import ModelSpec
+
+    embed = lambda ids: model.apply({"params": params}, ids, method="embed_tokens")  # noqa: E731
+    probe = jax.eval_shape(embed, jax.ShapeDtypeStruct((1, 1), jax.numpy.int32))
+    spec = ModelSpec(int(probe.shape[-1]), jax.numpy.dtype(probe.dtype).name)
+    new = dict(params)
+    for k, m in zip(jax.random.split(key, len(methods)), methods):
+        if m.group in new:
+            raise ValueError(f"{type(m).__name__}: params already hold a top-level {m.group!r}; give the adapter another name")
+        new[m.group] = dict(m.init_model(k, spec, lambda ids: embed(ids[None])[0]))
+    return new

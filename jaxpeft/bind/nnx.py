@@ -6,19 +6,30 @@ the same arrays, nothing copied in memory) in which each targeted ``Linear``,
 as ``base_layer`` and the methods' leaves as ``PeftParam`` variables. The input model is
 never touched. Everything else is plain NNX: ``nnx.split(peft_model, jp.PeftParam, ...)``
 separates what trains.
+
+Soft prompts and prefix masks need code around a module's own ``__call__`` (the model's, an
+attention module's), and NNX has no method interception. As ``torch.nn.utils.parametrize``
+does, the new graph's copy of that module becomes an instance of a subclass of its own class
+(``_PromptModel`` / ``_PrefixMask`` mixed in front; one cached class per original class) whose
+``__call__`` does the extra work and then calls the original. The module keeps its attributes,
+its parameter paths and its type (``isinstance`` still holds); the input graph is untouched.
+The prompt leaves sit on the model as ``PeftParam`` groups (``prompt/embeddings``), the same
+paths as in Linen.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import types
 from collections.abc import Iterator
 from typing import Any
 
 import jax
 from flax import nnx
 
-from jaxpeft.bind.plan import SHARED, Layer, Placement, plan, shared_key, with_shared
+from jaxpeft.bind import model as model_level
+from jaxpeft.bind.plan import SHARED, Layer, Placement, model_methods, outermost_last, plan, shared_key, with_shared
 from jaxpeft.bind.quantized import dequantized_kernel, is_quantized
 from jaxpeft.bind.select import Adapters, adapter_of, check_mixed, mixed_call, resolve
 from jaxpeft.methods.site import Site, dense_general_equation
@@ -136,6 +147,12 @@ class PeftLayer(nnx.Module):
                     delattr(self, name)
         self.methods = tuple(m for m in self.methods if adapter_of(m) != adapter)
 
+    def is_active(self, method: Any) -> bool:
+        """Whether ``method`` runs in the current call (adapter selection, mixed batches)."""
+        if self.mixed_adapters is not None:
+            return adapter_of(method) in self.mixed_adapters
+        return self.active_adapters is None or adapter_of(method) in self.active_adapters
+
     def _base(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
         kernel = self.base_layer.kernel.get_value()
         if not is_quantized(kernel):
@@ -151,8 +168,8 @@ class PeftLayer(nnx.Module):
         params_of = lambda m: {name: getattr(self, name).get_value() for name in m.param_names}  # noqa: E731
         if self.mixed_adapters is not None:
             return mixed_call(self.methods, params_of, self.site, x, fn, self.mixed_adapters, self.adapter_ids)
-        for m in self.methods:
-            if self.active_adapters is not None and adapter_of(m) not in self.active_adapters:
+        for m in outermost_last(self.methods):
+            if not self.is_active(m):
                 continue
             use_rng = self.rngs is not None and not self.deterministic and getattr(m, "dropout", 0.0) > 0.0
             rng = self.rngs.dropout() if use_rng else None
@@ -180,6 +197,122 @@ def copy_graph(model: nnx.Module) -> nnx.Module:
     return nnx.merge(*nnx.split(model))
 
 
+# -- code around a module's own __call__: soft prompts, prefix masks ------------------------------
+
+
+class _PromptModel:
+    """Mixed in front of a model's class: the soft prompts (model-level methods) around its ``__call__``.
+
+    The model holds ``peft_model_methods`` (chain order), one ``PeftShared`` group of ``PeftParam``
+    leaves per method (``prompt``, ``prompt_encoder@fr``, ...) and the adapter selection
+    ``peft_active_adapters`` / ``peft_mixed_adapters`` (set by ``use_adapters`` / ``mixed_adapters``).
+    """
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        call = super().__call__
+        methods = [m for m in self.peft_model_methods if _prompt_active(self, m)]
+        if not methods:
+            return call(*args, **kwargs)
+        if self.peft_mixed_adapters is not None:
+            raise TypeError(f"mixed-adapter batches support LoRA adapters only; soft prompts {[adapter_of(m) for m in methods]} "
+                            "are among the chosen adapters")
+        groups = [(m, getattr(self, m.group).values()) for m in methods]
+        return model_level.call_with_prompts(groups, call, _base_class(self).__call__, self, args, kwargs, self.embed_tokens)
+
+
+def _prompt_active(model: Any, method: Any) -> bool:
+    if model.peft_mixed_adapters is not None:
+        return adapter_of(method) in model.peft_mixed_adapters
+    return model.peft_active_adapters is None or adapter_of(method) in model.peft_active_adapters
+
+
+class _PrefixMask:
+    """Mixed in front of an attention module's class: its ``mask`` grows with its projections' prefix."""
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        rows = {
+            name: model_level.sequence_extension(child.methods, child.is_active)
+            for name, child in vars(self).items()
+            if isinstance(child, PeftLayer) and any(getattr(m, "extends_sequence", False) for m in child.methods)
+        }
+        where = _base_class(self).__name__
+        extra = model_level.prefix_length(rows, where)
+        return model_level.call_with_prefix_mask(super().__call__, _base_class(self).__call__, self, args, kwargs, extra, where)
+
+
+_MIXINS = (_PromptModel, _PrefixMask)  # outermost first
+
+
+def _base_class(node: Any) -> type:
+    return getattr(type(node), "_jaxpeft_base", type(node))
+
+
+def _mixins(node: Any) -> frozenset[type]:
+    return frozenset(getattr(type(node), "_jaxpeft_mixins", ()))
+
+
+@functools.lru_cache(maxsize=None)
+def _peft_class(base: type, mixins: tuple[type, ...]) -> type:
+    """``base`` with ``mixins`` in front: one class per combination, so graphdefs (and jit caches) stay stable."""
+    if not mixins:
+        return base
+    suffix = "+".join(m.__name__.strip("_") for m in mixins)
+    namespace = {
+        "__slots__": (),
+        "__module__": base.__module__,
+        "__qualname__": f"{base.__qualname__}[{suffix}]",
+        "_jaxpeft_base": base,
+        "_jaxpeft_mixins": mixins,
+    }
+    kwds = {"pytree": base._pytree__is_pytree} if hasattr(base, "_pytree__is_pytree") else {}
+    return types.new_class(f"{base.__name__}[{suffix}]", (*mixins, base), kwds, lambda ns: ns.update(namespace))
+
+
+def _reclass(node: nnx.Module, mixins: frozenset[type]) -> nnx.Module:
+    """A new object of ``node``'s original class with ``mixins``, holding ``node``'s attributes (shared)."""
+    cls = _peft_class(_base_class(node), tuple(m for m in _MIXINS if m in mixins))
+    if type(node) is cls:
+        return node
+    new = object.__new__(cls)  # as nnx.merge builds nodes; __init__ already ran for the original
+    for name, value in vars(node).items():
+        object.__setattr__(new, name, value)
+    return new
+
+
+def _replace(root: nnx.Module, parts: tuple, node: nnx.Module) -> nnx.Module:
+    """Put ``node`` at ``parts`` of ``root``; returns the (possibly new) root."""
+    if not parts:
+        return node
+    _set(_get(root, parts[:-1]), parts[-1], node)
+    return root
+
+
+def _prompt_models(model: nnx.Module) -> list[nnx.Module]:
+    return [node for _, node in nnx.iter_graph(model) if isinstance(node, _PromptModel)]
+
+
+def _add_prompts(new: nnx.Module, model: nnx.Module, prompts: tuple, key: jax.Array) -> nnx.Module:
+    """``new`` (a copy of ``model``) with the soft prompts ``prompts`` around its ``__call__``."""
+    from jaxpeft.methods.prompt import ModelSpec
+
+    probe = model.embed_tokens(jax.numpy.zeros((1, 1), jax.numpy.int32))
+    spec = ModelSpec(int(probe.shape[-1]), jax.numpy.dtype(probe.dtype).name)
+    root = _reclass(new, _mixins(new) | {_PromptModel})
+    if not hasattr(root, "peft_model_methods"):
+        root.peft_model_methods = ()
+        root.peft_active_adapters = None
+        root.peft_mixed_adapters = None
+    for k, m in zip(jax.random.split(key, len(prompts)), prompts):
+        leaves = m.init_model(k, spec, lambda ids: model.embed_tokens(ids[None])[0])
+        setattr(root, m.group, PeftShared(leaves))
+    root.peft_model_methods = root.peft_model_methods + tuple(prompts)
+    return root
+
+
 def apply_nnx(peft: Transform, model: nnx.Module, key: jax.Array) -> nnx.Module:
     """Bind ``peft`` to an NNX ``model``; return a new model (the input is left as it is).
 
@@ -191,8 +324,24 @@ def apply_nnx(peft: Transform, model: nnx.Module, key: jax.Array) -> nnx.Module:
       model: an NNX module.
       key: PRNG key for the PEFT parameters and their dropout stream.
     """
+    prompts = model_methods(peft)
+    if prompts:
+        model_level.check_prompt_protocol(model, _base_class(model).__call__)
+        taken = [m.group for m in prompts if hasattr(model, m.group)]
+        if taken:
+            raise ValueError(f"{type(model).__name__} already has attributes {taken}; give the soft prompt another adapter name")
     layers = discover(model)
     placements = plan(peft, layers, WRAPPABLE)
+    # Attention modules above prefixed projections: their masks grow, a decode cache is refused.
+    attention = {}
+    for p in placements:
+        if any(getattr(m, "extends_sequence", False) for m in p.methods):
+            parts = _parts(model, p.site.path)[:-1]
+            node = _get(model, parts)
+            if model_level.has_decode(node):
+                raise model_level.decode_error(_path_str(parts), node)
+            if model_level.accepts_mask(_base_class(node).__call__):
+                attention[parts] = node
     # Flax's layers cannot multiply by a quantized kernel: wrap every quantized layer, targeted or not.
     placed = {p.site.path for p in placements}
     placements += tuple(
@@ -245,6 +394,11 @@ def apply_nnx(peft: Transform, model: nnx.Module, key: jax.Array) -> nnx.Module:
             layer = PeftLayer(target, Placement(placement.site, ()), {}, dropout_key)
             layer.add(placement.methods, params, dropout_key, refs)
             _set(_get(new, parts[:-1]), parts[-1], layer)
+    for parts in sorted(attention, key=len, reverse=True):  # deepest first: a parent's copy keeps the new child
+        node = _get(new, parts)
+        new = _replace(new, parts, _reclass(node, _mixins(node) | {_PrefixMask}))
+    if prompts:
+        new = _add_prompts(new, model, prompts, jax.random.fold_in(key, 1))
     return new
 
 
@@ -277,22 +431,27 @@ def peft_layers(model: nnx.Module) -> Iterator[tuple[tuple, PeftLayer]]:
 
 @contextlib.contextmanager
 def _setting(model: nnx.Module, **values: Any) -> Iterator[nnx.Module]:
-    layers = [layer for _, layer in peft_layers(model)]
-    before = [{k: getattr(layer, k) for k in values} for layer in layers]
-    for layer in layers:
-        for k, v in values.items():
-            setattr(layer, k, v)
+    # PeftLayers take every value; a soft-prompt model its adapter selection (peft_-prefixed).
+    targets = [(layer, values) for _, layer in peft_layers(model)]
+    root_values = {f"peft_{k}": v for k, v in values.items() if k in ("active_adapters", "mixed_adapters")}
+    targets += [(root, root_values) for root in _prompt_models(model)]
+    before = [{k: getattr(node, k) for k in vals} for node, vals in targets]
+    for node, vals in targets:
+        for k, v in vals.items():
+            setattr(node, k, v)
     try:
         yield model
     finally:
-        for layer, old in zip(layers, before):
+        for (node, _), old in zip(targets, before):
             for k, v in old.items():
-                setattr(layer, k, v)
+                setattr(node, k, v)
 
 
 def adapter_names(model: nnx.Module) -> tuple[str, ...]:
     """The adapters bound to an NNX model, in order of first appearance."""
-    return tuple(dict.fromkeys(adapter_of(m) for _, layer in peft_layers(model) for m in layer.methods))
+    methods = [m for _, layer in peft_layers(model) for m in layer.methods]
+    methods += [m for root in _prompt_models(model) for m in root.peft_model_methods]
+    return tuple(dict.fromkeys(adapter_of(m) for m in methods))
 
 
 def use_adapters(model: nnx.Module, adapters: Adapters) -> contextlib.AbstractContextManager:
@@ -323,4 +482,14 @@ def delete_adapter_nnx(model: nnx.Module, adapter: str) -> nnx.Module:
         layer.remove(adapter)
         if not layer.methods and not is_quantized(layer.base_layer.kernel.get_value()):
             _set(_get(new, path[:-1]), path[-1], layer.base_layer)
+    for path, node in list(nnx.iter_graph(new)):
+        if isinstance(node, _PromptModel):
+            gone = [m for m in node.peft_model_methods if adapter_of(m) == adapter]
+            for m in gone:
+                delattr(node, m.group)
+            node.peft_model_methods = tuple(m for m in node.peft_model_methods if adapter_of(m) != adapter)
+            if not node.peft_model_methods:  # no prompt left: the model's own class again
+                for name in ("peft_model_methods", "peft_active_adapters", "peft_mixed_adapters"):
+                    delattr(node, name)
+                new = _replace(new, tuple(path), _reclass(node, _mixins(node) - {_PromptModel}))
     return new

@@ -56,8 +56,13 @@ def plan(
       wrappable: the layer types the binding wraps, for messages.
       existing: leaf names PEFT methods already hold at a path (adding an adapter to a bound model).
     """
+    methods = [m for m in methods_of(peft) if not is_model_method(m)]
+    if existing is not None and len(methods) < len(methods_of(peft)):
+        raise NotImplementedError(
+            "soft prompts (prompt tuning, P-tuning) cannot be added to a bound Linen model; bind them with the "
+            "other transforms in one jp.apply(jp.chain(...)) (NNX models take them through jp.add_adapter)"
+        )
     existing = existing or {}
-    methods = methods_of(peft)
     by_path: dict[str, list[Transform]] = {}
     for method in methods:
         hits = [layer for layer in layers if matches(method.targets, layer.path, layer.module)]
@@ -82,10 +87,25 @@ def plan(
     placements = []
     for layer in layers:
         if layer.path in by_path:
-            chosen = tuple(by_path.pop(layer.path))
+            chosen = outermost_last(by_path.pop(layer.path))
             check_claims(layer.site, chosen, existing=(*layer.param_names, *existing.get(layer.path, ())))
             placements.append(Placement(layer.site, chosen))
     return tuple(placements)
+
+
+def is_model_method(method: Transform) -> bool:
+    """A model-level method (soft prompts) runs around the model's forward pass, not at a layer."""
+    return getattr(method, "scope", "site") == "model"
+
+
+def model_methods(peft: Transform) -> tuple[Transform, ...]:
+    """The model-level methods of ``peft``, in chain order."""
+    return tuple(m for m in methods_of(peft) if is_model_method(m))
+
+
+def outermost_last(methods: Sequence[Transform]) -> tuple[Transform, ...]:
+    """Methods in chain order, sequence-extending ones (prefix tuning) last: the prefix is the final key."""
+    return tuple(sorted(methods, key=lambda m: bool(getattr(m, "extends_sequence", False))))
 
 
 SHARED = "peft_shared"  # top-level key of the leaves a method shares across its sites
