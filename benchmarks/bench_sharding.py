@@ -44,7 +44,7 @@ def _run(argv: list[str]) -> int:
     import jax
     import jax.numpy as jnp
     import optax
-    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from jax.sharding import AxisType, NamedSharding
 
     import jaxpeft as jp
     from benchmarks.common import machine, write

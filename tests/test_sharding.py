@@ -17,7 +17,6 @@ import pathlib
 import socket
 import subprocess
 import sys
-import warnings
 from typing import Any, ClassVar
 
 import flax.linen as nn
