@@ -148,9 +148,14 @@ class Compacter:
 
     @property
     def trainable(self) -> Selector:
-        """Selector of this adapter's leaves: the per-site ones and the shared ``phm_rule``."""
+        """Selector of this adapter's leaves: the per-site ones and the shared ``phm_rule``.
+
+        Linen keeps ``phm_rule`` at ``peft_shared/compacter@<adapter>/phm_rule``. An NNX state lists the
+        one shared Variable at the first path NNX's traversal reaches it by, which is a ``PeftLayer``'s
+        reference, ``<layer path>/shared/compacter@<adapter>/phm_rule``; the selector matches both.
+        """
         names = "|".join(re.escape(n) for n in self.param_names)
-        return rf"(^|/)({names})$|(^|/){SHARED}/{re.escape(self.shared_key)}/"
+        return rf"(^|/)({names})$|(^|/)({SHARED}|shared)/{re.escape(self.shared_key)}/"
 
     def bottleneck_at(self, site: Site) -> int:
         """The bottleneck size ``m`` at ``site``."""
