@@ -106,9 +106,13 @@ def _discover(model: nn.Module, params: Any, args: tuple, kwargs: dict, on_call=
             names = tuple(k for k, v in own.items() if not isinstance(v, Mapping))
             site, why = _site(module, call_args[0]) if call_args else (None, "called without an input")
             found[path] = Layer(path, module, bool(names), names, site, why)
-        if context.method_name == "__call__":
-            return _call_base(module, next_fun, call_args, call_kwargs)
-        return next_fun(*call_args, **call_kwargs)
+        if context.method_name != "__call__":
+            return next_fun(*call_args, **call_kwargs)
+        out = _call_base(module, next_fun, call_args, call_kwargs)
+        layer = found.get(path)
+        if layer is not None and layer.output_shape is None and hasattr(out, "shape"):
+            found[path] = dataclasses.replace(layer, output_shape=tuple(out.shape))
+        return out
 
     def run(p):
         with nn.intercept_methods(record):

@@ -27,6 +27,7 @@ class Layer:
       param_names: names of the parameters it holds itself.
       site: the linear site, when the binding can wrap this layer type.
       unsupported: why it cannot be wrapped, when it cannot.
+      output_shape: the shape of its output in the example call, when the binding saw one.
     """
 
     path: str
@@ -35,6 +36,7 @@ class Layer:
     param_names: tuple[str, ...] = ()
     site: Site | None = None
     unsupported: str | None = None
+    output_shape: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +84,8 @@ def plan(
             )
         for layer in hits:
             method.check_site(layer.site)
+            if getattr(method, "extends_sequence", False):
+                check_sequence_layout(method, layer)
             by_path.setdefault(layer.path, []).append(method)
 
     placements = []
@@ -91,6 +95,17 @@ def plan(
             check_claims(layer.site, chosen, existing=(*layer.param_names, *existing.get(layer.path, ())))
             placements.append(Placement(layer.site, chosen))
     return tuple(placements)
+
+
+def check_sequence_layout(method: Transform, layer: Layer) -> None:
+    """A sequence-extending method (prefix tuning) needs the layer's output as ``[batch, seq, *out_shape]``."""
+    site, shape = layer.site, layer.output_shape
+    if shape is not None and (len(shape) != 2 + len(site.out_shape) or tuple(shape[2:]) != tuple(site.out_shape)):
+        raise ValueError(
+            f"{type(method).__name__} at {site.path!r} ({site.layer_type}): the projection output must be "
+            f"[batch, seq, *{tuple(site.out_shape)}] (one batch axis, the sequence on axis 1); in the example "
+            f"call it has shape {tuple(shape)}"
+        )
 
 
 def is_model_method(method: Transform) -> bool:

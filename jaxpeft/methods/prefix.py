@@ -289,7 +289,7 @@ class PrefixTuning:
 
     def folded(self) -> PrefixTuning:
         """The transform that holds the plain prefix this one computes (itself without ``reparam``)."""
-        return dataclasses.replace(self, reparam=None, reparam_dim=None)
+        return PrefixTuning(self.length, self.targets, param_dtype=self.param_dtype, adapter=self.adapter)
 
     def fold_site(
         self, params: Mapping[str, jax.Array], site: Site, shared: Mapping[str, jax.Array] | None = None
