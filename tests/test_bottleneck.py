@@ -168,7 +168,8 @@ def test_flax_multi_head_attention_identity_at_init(placement):
     model = LinenMha()
     base = model.init(jax.random.key(0), TOKENS)["params"]
     peft_model, params = jp.apply(peft, model, jax.random.key(1), TOKENS, params=base)
-    assert [p.site.path for p in peft_model.placements] == (["attn/out", "down"] if placement == "houlsby" else ["down"])
+    wanted = ["attn/out", "down"] if placement == "houlsby" else ["down"]
+    assert [p.site.path for p in peft_model.placements] == wanted
     np.testing.assert_array_equal(peft_model.apply(params, TOKENS), model.apply({"params": base}, TOKENS))
     params = random_adapter(params, peft, jax.random.key(2))
     assert not np.allclose(peft_model.apply(params, TOKENS), model.apply({"params": base}, TOKENS))
@@ -336,7 +337,7 @@ def test_chain_with_lora_trains_and_partitions():
     np.testing.assert_array_equal(peft_model.apply(params, TOKENS), model.apply({"params": base}, TOKENS))
     trainable, frozen = jp.partition(params, peft_model.trainable)
     names = {p.rsplit("/", 1)[1] for p, x in jp.leaves_with_paths(trainable) if x is not None}
-    assert names == {"lora_a", "lora_b", "bottleneck_down", "bottleneck_up", "bottleneck_down_bias", "bottleneck_up_bias"}
+    assert names == {"lora_a", "lora_b", *(f"bottleneck_{n}" for n in ("down", "up", "down_bias", "up_bias"))}
 
     def loss(t):
         logits = peft_model.apply(jp.combine(t, frozen), TOKENS)

@@ -282,8 +282,11 @@ def test_slow_weights_gradient_accumulates_from_every_site():
         for i, rule in enumerate(rules):
             node = p[f"branch_{i}"]
             y = x @ node["kernel"].reshape(D, -1) + node["bias"].reshape(-1)
-            down = sum(jnp.kron(rule[k], node["compacter_down_left"][k] @ node["compacter_down_right"][k]) for k in range(2))
-            up = sum(jnp.kron(rule[k], node["compacter_up_left"][k] @ node["compacter_up_right"][k]) for k in range(2))
+            def phm(side):
+                left, right = node[f"compacter_{side}_left"], node[f"compacter_{side}_right"]
+                return sum(jnp.kron(rule[k], left[k] @ right[k]) for k in range(2))
+
+            down, up = phm("down"), phm("up")
             h = jax.nn.gelu(y @ down + node["compacter_down_bias"], approximate=False)
             total = total + y + h @ up + node["compacter_up_bias"].reshape(-1)
         return jnp.sum(jnp.tanh(total @ p["head"]["kernel"] + p["head"]["bias"]))
@@ -307,7 +310,8 @@ def test_nnx_holds_the_rule_once_and_every_layer_sees_it():
     assert sorted(p for p, x in jp.leaves_with_paths(trainable) if x is not None) == sorted(
         jp.paths(nnx.state(model, jp.PeftParam)))
     # Updating it through that path changes what every layer uses.
-    nnx.update(model, {"layers_0": {"attn": {"out": {"shared": {"compacter@default": {"phm_rule": jnp.ones((4, 4, 4))}}}}}})
+    ones = {"compacter@default": {"phm_rule": jnp.ones((4, 4, 4))}}
+    nnx.update(model, {"layers_0": {"attn": {"out": {"shared": ones}}}})
     assert all(np.all(layer.shared["compacter@default"].phm_rule[...] == 1.0) for layer in layers)
 
 

@@ -111,7 +111,7 @@ def adapter_forward(
     activation: str,
     scale: float,
 ) -> jax.Array:
-    """``y + s * act(y_flat down + b_down) up + b_up``: the adapter's residual MLP on a layer output.
+    """``y + s * (act(y down + b_down) up + b_up)``: the adapter's residual MLP on a layer output.
 
     Args:
       y: the layer output, ``[..., *out_shape]`` as the site's equation writes it (its output axes
@@ -123,12 +123,19 @@ def adapter_forward(
     """
     d, m = site.out_features, down.shape[-1]
     if down.shape != (d, m) or up.shape != (m, d):
-        raise ValueError(f"{site.path!r}: adapter down {down.shape} / up {up.shape} do not fit d = {d} output features")
+        raise ValueError(
+            f"{site.path!r}: adapter down {down.shape} / up {up.shape} do not fit d = {d} output features"
+        )
     # Move the output axes last (a no-op for Dense, DenseGeneral and most Einsums), then view as [N, d].
     axis_of = output_axes(site, y.ndim)
     out_axes = [axis_of[c] for c in site.out_labels]
     perm = [i for i in range(y.ndim) if i not in out_axes] + out_axes
     moved = y if perm == list(range(y.ndim)) else jnp.transpose(y, perm)
+    if moved.shape[moved.ndim - len(out_axes) :] != site.out_shape:
+        raise ValueError(
+            f"{site.path!r} ({site.layer_type}): the layer output has shape {y.shape}, whose output axes "
+            f"{site.out_labels!r} should be {site.out_shape}"
+        )
     dtype = jnp.result_type(y.dtype, down.dtype)
     h = moved.reshape(-1, d).astype(dtype) @ down.astype(dtype)
     if down_bias is not None:
@@ -147,7 +154,9 @@ def output_axes(site: Site, ndim: int) -> dict[str, int]:
     _, _, out = parse_equation(site.equation)
     before, _, after = out.partition("...")  # no ellipsis: (out, "", "")
     n_ellipsis = ndim - len(before) - len(after)
-    return {**{c: i for i, c in enumerate(before)}, **{c: len(before) + n_ellipsis + i for i, c in enumerate(after)}}
+    axes = {c: i for i, c in enumerate(before)}
+    axes.update({c: len(before) + n_ellipsis + i for i, c in enumerate(after)})
+    return axes
 
 
 def not_mergeable(method: str) -> ValueError:
@@ -192,7 +201,9 @@ class BottleneckAdapter:
     def __post_init__(self):
         check_size("BottleneckAdapter", self.bottleneck, self.reduction_factor)
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"BottleneckAdapter activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}")
+            raise ValueError(
+                f"BottleneckAdapter activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}"
+            )
         if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale)):
             raise ValueError(f"BottleneckAdapter scale must be a finite number, got {self.scale!r}")
         if self.init not in INITS:
@@ -205,7 +216,9 @@ class BottleneckAdapter:
     def param_names(self) -> tuple[str, ...]:
         """``(down, up)``, then ``(down_bias, up_bias)`` with ``use_bias``."""
         suffix = "" if self.adapter == "default" else f"@{self.adapter}"
-        names = ("bottleneck_down", "bottleneck_up") + (("bottleneck_down_bias", "bottleneck_up_bias") if self.use_bias else ())
+        names = ("bottleneck_down", "bottleneck_up")
+        if self.use_bias:
+            names += ("bottleneck_down_bias", "bottleneck_up_bias")
         return tuple(n + suffix for n in names)
 
     @property
@@ -324,7 +337,9 @@ def houlsby(
 
       peft = jp.houlsby(reduction_factor=16)
     """
-    kwargs = dict(activation=activation, use_bias=use_bias, scale=scale, init=init, param_dtype=param_dtype, adapter=adapter)
+    kwargs = dict(
+        activation=activation, use_bias=use_bias, scale=scale, init=init, param_dtype=param_dtype, adapter=adapter
+    )
     return _adapter(targets, bottleneck, reduction_factor, kwargs)
 
 
@@ -348,5 +363,7 @@ def pfeiffer(
 
       peft = jp.pfeiffer(bottleneck=64)
     """
-    kwargs = dict(activation=activation, use_bias=use_bias, scale=scale, init=init, param_dtype=param_dtype, adapter=adapter)
+    kwargs = dict(
+        activation=activation, use_bias=use_bias, scale=scale, init=init, param_dtype=param_dtype, adapter=adapter
+    )
     return _adapter(targets, bottleneck, reduction_factor, kwargs)

@@ -180,14 +180,19 @@ class Compacter:
     def check_site(self, site: Site) -> None:
         """Raise before any work unless ``phm_dim`` divides ``d`` and ``m`` and ``phm_rank <= min(d, m) / n``."""
         d, m, n = site.out_features, self.bottleneck_at(site), self.phm_dim
-        where = f"at {site.path!r} (kernel {site.kernel_shape}, {site.layer_type}: d = {d} output features, bottleneck m = {m})"
+        where = (
+            f"at {site.path!r} (kernel {site.kernel_shape}, {site.layer_type}: d = {d} output features, "
+            f"bottleneck m = {m})"
+        )
         if d % n or m % n:
             raise ValueError(
                 f"Compacter phm_dim {n} must divide the output features d and the bottleneck m {where}; "
                 "choose a phm_dim dividing both, or a bottleneck that is a multiple of it"
             )
         if self.phm_rank > min(d, m) // n:
-            raise ValueError(f"Compacter phm_rank {self.phm_rank} exceeds min(d, m) / phm_dim = {min(d, m) // n} {where}")
+            raise ValueError(
+                f"Compacter phm_rank {self.phm_rank} exceeds min(d, m) / phm_dim = {min(d, m) // n} {where}"
+            )
 
     def init_shared(self, key: jax.Array, sites: Sequence[Site]) -> dict[str, jax.Array]:
         """The slow weights, one ``phm_rule: [n, n, n]`` for every site: ``A ~ N(0, 1/n)``."""
@@ -244,7 +249,9 @@ class Compacter:
             raise ValueError(f"Compacter at {site.path!r} needs the shared phm_rule (the binding passes it as shared=)")
         y = base_fn(x)
         down, up = self.weights(params, shared)
-        biases = (params[self.param_names[4]], params[self.param_names[5]].reshape(-1)) if self.use_bias else (None, None)
+        biases = (None, None)
+        if self.use_bias:
+            biases = (params[self.param_names[4]], params[self.param_names[5]].reshape(-1))
         return adapter_forward(y, site, down, up, *biases, self.activation, self.scale)
 
     def merge_site(self, params: Mapping[str, jax.Array], base: Mapping[str, Any]) -> dict[str, Any]:
