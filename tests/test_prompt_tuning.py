@@ -41,7 +41,8 @@ def _expected(params, base_params, prompt, attention_mask=None, positions=None):
     mask = None if attention_mask is None else np.concatenate([np.ones((X.shape[0], N)), attention_mask], 1)
     if positions is not None:
         positions = np.concatenate([np.broadcast_to(np.arange(N), (X.shape[0], N)), np.asarray(positions) + N], 1)
-    logits = ref.lm(base_params, CONFIG, embeds=np.concatenate([prompt, embeds], 1), attention_mask=mask, positions=positions)
+    embeds = np.concatenate([prompt, embeds], 1)
+    logits = ref.lm(base_params, CONFIG, embeds=embeds, attention_mask=mask, positions=positions)
     return logits[:, N:]
 
 
@@ -70,7 +71,9 @@ def test_inputs_embeds_are_prompted_too(base):
     model, base_params = base
     peft_model, params = _bind(prompt_tuning(N), base)
     embeds = model.apply({"params": base_params}, X, method=LinenLM.embed_tokens)
-    np.testing.assert_allclose(peft_model.apply(params, inputs_embeds=embeds), peft_model.apply(params, X), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        peft_model.apply(params, inputs_embeds=embeds), peft_model.apply(params, X), rtol=1e-6, atol=1e-6
+    )
 
 
 def _numpy_mlp(p, x, layers):
@@ -117,7 +120,9 @@ def test_p_tuning_equals_numpy_encoder_and_lm(base, encoder):
     np.testing.assert_allclose(out, _expected(params, base[1], prompt, MASK), **TOL)
 
 
-@pytest.mark.parametrize("peft", [prompt_tuning(N), p_tuning(N, encoder="lstm", hidden_size=8)], ids=["prompt", "p_tuning"])
+@pytest.mark.parametrize(
+    "peft", [prompt_tuning(N), p_tuning(N, encoder="lstm", hidden_size=8)], ids=["prompt", "p_tuning"]
+)
 def test_linen_and_nnx_agree_and_fold_keeps_outputs(base, peft):
     model, base_params = base
     linen_model, params = _bind(peft, base)
@@ -128,7 +133,8 @@ def test_linen_and_nnx_agree_and_fold_keeps_outputs(base, peft):
     assert sorted(jp.paths(nnx_trainable)) == sorted(p for p, x in jp.leaves_with_paths(trainable) if x is not None)
     nnx.update(nnx_model, jp.prune(trainable))  # the same leaf paths in both bindings
     y = linen_model.apply(params, X, attention_mask=MASK)
-    np.testing.assert_allclose(nnx.jit(lambda m, x, a: m(x, attention_mask=a))(nnx_model, X, MASK), y, rtol=1e-5, atol=1e-5)
+    run = nnx.jit(lambda m, x, a: m(x, attention_mask=a))
+    np.testing.assert_allclose(run(nnx_model, X, MASK), y, rtol=1e-5, atol=1e-5)
 
     folded_model, folded = fold(linen_model, params)
     assert isinstance(folded_model.peft, PromptTuning) and set(folded) - set(base_params) == {"prompt"}
@@ -161,7 +167,8 @@ def test_masks_padding_invisible_virtual_tokens_visible_to_all(base):
     y = peft_model.apply(params, X, attention_mask=MASK)
     # Changing a padded-out token changes nothing at the real positions.
     changed = X.at[1, 8].set((X[1, 8] + 1) % CONFIG.vocab_size)
-    np.testing.assert_allclose(peft_model.apply(params, changed, attention_mask=MASK)[1, :7], y[1, :7], rtol=1e-6, atol=1e-6)
+    out = peft_model.apply(params, changed, attention_mask=MASK)
+    np.testing.assert_allclose(out[1, :7], y[1, :7], rtol=1e-6, atol=1e-6)
     # Changing the prompt changes every real position, the first one included.
     moved = jax.tree.map(lambda x: x, params)
     moved["prompt"] = {"embeddings": params["prompt"]["embeddings"] + 0.5}
@@ -204,7 +211,10 @@ class NnxNoProtocol(nnx.Module):
 
 
 def test_bad_input_raises_before_work(base):
-    for bad in (lambda: prompt_tuning(0), lambda: prompt_tuning(-2), lambda: p_tuning(0), lambda: p_tuning(4, encoder="gru")):
+    bad_configs = (
+        lambda: prompt_tuning(0), lambda: prompt_tuning(-2), lambda: p_tuning(0), lambda: p_tuning(4, encoder="gru")
+    )
+    for bad in bad_configs:
         with pytest.raises(ValueError, match="must be|must be one of"):
             bad()
     with pytest.raises(ValueError, match="needs vocab_size"):
@@ -253,7 +263,8 @@ def test_prompt_tuning_trains_the_demo_task_linen():
 
 
 def test_p_tuning_trains_the_demo_task_nnx():
-    model = nnx_from_linen_params(CHAR_CONFIG, LinenLM(CHAR_CONFIG).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    base = LinenLM(CHAR_CONFIG).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    model = nnx_from_linen_params(CHAR_CONFIG, base)
     peft_model = jp.apply(p_tuning(8, encoder="lstm", hidden_size=16), model, jax.random.key(1))
     graphdef, trainable, frozen = nnx.split(peft_model, jp.PeftParam, ...)
 

@@ -10,6 +10,7 @@ from typing import Any
 import flax
 import jax
 
+from jaxpeft.bind.fold import fold
 from jaxpeft.bind.linen import PeftLinen, apply_linen
 from jaxpeft.bind.nnx import (
     PeftLayer,
@@ -84,6 +85,7 @@ __all__ = [
     "adapters_disabled",
     "apply",
     "dequantize",
+    "fold",
     "mixed_adapters",
     "peft_layers",
     "quantize",

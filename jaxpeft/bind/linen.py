@@ -28,7 +28,6 @@ from jaxpeft.bind.plan import (
     SHARED,
     Layer,
     Placement,
-    is_model_method,
     model_methods,
     outermost_last,
     plan,
@@ -195,8 +194,8 @@ class PeftLinen:
         is_active = lambda m: adapter_of(m) in active  # noqa: E731
         prompts = [m for m in self.model_methods if is_active(m)]
         if adapter_ids is not None and prompts:
-            raise TypeError(f"mixed-adapter batches support LoRA adapters only; soft prompts {[adapter_of(m) for m in prompts]} "
-                            "are among the chosen adapters")
+            names = [adapter_of(m) for m in prompts]
+            raise TypeError(f"mixed-adapter batches support LoRA adapters only; soft prompts {names} are among the chosen")
         # Attention modules (parents of prefixed projections) -> {projection: rows it prepends}.
         prefixed: dict[str, dict[str, int]] = {}
         for p in self.placements:
@@ -256,7 +255,9 @@ class PeftLinen:
 
 def _group(params: Mapping, method: Transform) -> Mapping:
     if method.group not in params:
-        raise KeyError(f"params lack the top-level {method.group!r} of {type(method).__name__}: were they dropped or renamed?")
+        raise KeyError(
+            f"params lack the top-level {method.group!r} of {type(method).__name__}: were they dropped or renamed?"
+        )
     return params[method.group]
 
 
@@ -341,6 +342,8 @@ def init_model_params(methods: tuple[Transform, ...], model: nn.Module, key: jax
     new = dict(params)
     for k, m in zip(jax.random.split(key, len(methods)), methods):
         if m.group in new:
-            raise ValueError(f"{type(m).__name__}: params already hold a top-level {m.group!r}; give the adapter another name")
+            raise ValueError(
+                f"{type(m).__name__}: params already hold a top-level {m.group!r}; give the adapter another name"
+            )
         new[m.group] = dict(m.init_model(k, spec, lambda ids: embed(ids[None])[0]))
     return new

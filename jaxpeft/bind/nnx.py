@@ -216,10 +216,11 @@ class _PromptModel:
         if not methods:
             return call(*args, **kwargs)
         if self.peft_mixed_adapters is not None:
-            raise TypeError(f"mixed-adapter batches support LoRA adapters only; soft prompts {[adapter_of(m) for m in methods]} "
-                            "are among the chosen adapters")
+            names = [adapter_of(m) for m in methods]
+            raise TypeError(f"mixed-adapter batches support LoRA adapters only; soft prompts {names} are among the chosen")
         groups = [(m, getattr(self, m.group).values()) for m in methods]
-        return model_level.call_with_prompts(groups, call, _base_class(self).__call__, self, args, kwargs, self.embed_tokens)
+        call_fn = _base_class(self).__call__
+        return model_level.call_with_prompts(groups, call, call_fn, self, args, kwargs, self.embed_tokens)
 
 
 def _prompt_active(model: Any, method: Any) -> bool:
@@ -241,7 +242,8 @@ class _PrefixMask:
         }
         where = _base_class(self).__name__
         extra = model_level.prefix_length(rows, where)
-        return model_level.call_with_prefix_mask(super().__call__, _base_class(self).__call__, self, args, kwargs, extra, where)
+        call_fn = _base_class(self).__call__
+        return model_level.call_with_prefix_mask(super().__call__, call_fn, self, args, kwargs, extra, where)
 
 
 _MIXINS = (_PromptModel, _PrefixMask)  # outermost first
@@ -329,7 +331,9 @@ def apply_nnx(peft: Transform, model: nnx.Module, key: jax.Array) -> nnx.Module:
         model_level.check_prompt_protocol(model, _base_class(model).__call__)
         taken = [m.group for m in prompts if hasattr(model, m.group)]
         if taken:
-            raise ValueError(f"{type(model).__name__} already has attributes {taken}; give the soft prompt another adapter name")
+            raise ValueError(
+                f"{type(model).__name__} already has attributes {taken}; give the soft prompt another adapter name"
+            )
     layers = discover(model)
     placements = plan(peft, layers, WRAPPABLE)
     # Attention modules above prefixed projections: their masks grow, a decode cache is refused.

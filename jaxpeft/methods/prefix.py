@@ -80,7 +80,9 @@ def concat_prefix(y: jax.Array, prefix: jax.Array, site: Site) -> jax.Array:
             f"[batch, seq, *{out_shape}] (one batch axis, the sequence on axis 1); got shape {tuple(y.shape)}"
         )
     if tuple(prefix.shape[1:]) != out_shape:
-        raise ValueError(f"prefix tuning at {site.path!r}: prefix {tuple(prefix.shape)} does not fit outputs {out_shape}")
+        raise ValueError(
+            f"prefix tuning at {site.path!r}: prefix {tuple(prefix.shape)} does not fit outputs {out_shape}"
+        )
     prefix = jnp.broadcast_to(prefix.astype(y.dtype), (y.shape[0], *prefix.shape))
     return jnp.concatenate([prefix, y], axis=1)
 
@@ -152,7 +154,9 @@ class PrefixTuning:
         if self.reparam_dim is not None:
             _positive_int("PrefixTuning", "reparam_dim", self.reparam_dim)
         if not isinstance(self.adapter, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.adapter):
-            raise ValueError(f"PrefixTuning adapter name must be letters, digits, '_', '.' or '-'; got {self.adapter!r}")
+            raise ValueError(
+                f"PrefixTuning adapter name must be letters, digits, '_', '.' or '-'; got {self.adapter!r}"
+            )
         object.__setattr__(self, "targets", _freeze_selector(self.targets))
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
 
@@ -246,12 +250,14 @@ class PrefixTuning:
         """The site's prefix ``[P, *out_shape]`` (runs the MLP when reparameterised)."""
         if self.reparam is None:
             return params[self._leaf(PREFIX)]
-        first = shared if self.reparam == "shared" else {n: params[self._leaf(n)] for n in (EMBEDDING, HIDDEN_KERNEL, HIDDEN_BIAS)}
+        if self.reparam == "shared":
+            first = shared
+        else:
+            first = {n: params[self._leaf(n)] for n in (EMBEDDING, HIDDEN_KERNEL, HIDDEN_BIAS)}
         if first is None:
             raise ValueError("PrefixTuning(reparam='shared') needs its shared leaves (the binding passes them)")
-        return reparam_prefix(
-            first[EMBEDDING], first[HIDDEN_KERNEL], first[HIDDEN_BIAS], params[self._leaf(OUT_KERNEL)], params[self._leaf(OUT_BIAS)]
-        )
+        out_kernel, out_bias = params[self._leaf(OUT_KERNEL)], params[self._leaf(OUT_BIAS)]
+        return reparam_prefix(first[EMBEDDING], first[HIDDEN_KERNEL], first[HIDDEN_BIAS], out_kernel, out_bias)
 
     def apply_site(
         self,

@@ -264,7 +264,8 @@ class PromptTuning(_SoftPrompt):
             return {"embeddings": jax.random.uniform(key, shape, dtype, -RANDOM_INIT_RANGE, RANDOM_INIT_RANGE)}
         embeds = embed_fn(ids)
         if embeds.shape != (self.length, spec.d_model):
-            raise ValueError(f"embed_fn returned {tuple(embeds.shape)} for {self.length} ids; expected {(self.length, spec.d_model)}")
+            expected = (self.length, spec.d_model)
+            raise ValueError(f"embed_fn returned {tuple(embeds.shape)} for {self.length} ids; expected {expected}")
         return {"embeddings": embeds.astype(dtype)}
 
     def prompt(self, params: Mapping[str, jax.Array]) -> jax.Array:
@@ -320,7 +321,8 @@ def bidirectional_lstm(params: Mapping[str, jax.Array], x: jax.Array, num_layers
         outs = []
         for direction in ("fwd", "bwd"):
             p = f"lstm_{layer}_{direction}"
-            outs.append(lstm(x, params[f"{p}_w_ih"], params[f"{p}_w_hh"], params[f"{p}_bias"], reverse=direction == "bwd"))
+            weights = (params[f"{p}_w_ih"], params[f"{p}_w_hh"], params[f"{p}_bias"])
+            outs.append(lstm(x, *weights, reverse=direction == "bwd"))
         x = jnp.concatenate(outs, axis=-1)
     return x
 
