@@ -1018,6 +1018,12 @@ def _leaf_shardings(shardings: Any, meta: Mapping[str, Any], directory: pathlib.
         if p not in saved:
             continue
         shape = tuple(saved[p]["shape"])
+        dtype = jnp.dtype(saved[p]["dtype"])
+        if jax.dtypes.canonicalize_dtype(dtype) != dtype:
+            problems.append(
+                f"{p}: a {dtype} leaf cannot go to devices while jax_enable_x64 is off (it would be "
+                "truncated); restore it without a sharding (it stays a numpy array) or enable x64"
+            )
         if not isinstance(s, Sharding):
             problems.append(f"{p}: expected a jax.sharding.Sharding, got {type(s).__name__}")
         elif isinstance(s, NamedSharding):

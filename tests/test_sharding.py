@@ -426,6 +426,9 @@ def test_restore_refuses_shardings_that_do_not_fit(tmp_path):
         jp.restore_adapter(path, shardings={"q": {"lora_a": one, "lora_b": one}, "k": {"lora_a": one}})
     restored, _ = jp.restore_adapter(path, shardings=one)  # one sharding for every leaf
     assert restored["q"]["lora_b"].sharding == one
+    wide = jp.save_adapter(tmp_path / "b", {"step": np.arange(3, dtype=np.int64)})
+    with pytest.raises(CheckpointMismatchError, match=r"step: a int64 leaf cannot go to devices"):
+        jp.restore_adapter(wide, shardings=one)
 
 
 def test_sharded_restore_checks_the_checksum(tmp_path):
