@@ -30,8 +30,9 @@ Per-leaf axes: a tuple with one entry per *group of* leaf dimensions:
 * ``"rank"``: a dimension of the method's own (a LoRA rank): replicated, or ``rank_axis``;
 * ``None``: a dimension with no kernel counterpart: replicated.
 
-A method declares them as a class attribute ``param_axes = {"lora_a": ("in", "rank"), ...}``;
-LoRA's are known here. A PEFT leaf without a declaration is replicated, with a warning naming it.
+A method declares them as an attribute ``param_axes = {"lora_a": ("in", "rank"), ...}``, or per
+site with ``param_axes_at(site)``; LoRA's are known here. A PEFT leaf without a declaration is
+replicated, with a warning naming it; leaves shared by all of a method's sites are replicated.
 """
 
 from __future__ import annotations
@@ -87,11 +88,18 @@ def _capped(lines: Sequence[str]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def param_axes(method: Any) -> Mapping[str, tuple[Any, ...]] | None:
+def param_axes(method: Any, site: Any = None) -> Mapping[str, tuple[Any, ...]] | None:
     """How each leaf of ``method`` relates to its kernel's axes, or None if it does not say.
 
-    A method's own ``param_axes`` attribute wins; LoRA (``jaxpeft.methods.lora.LoRA``) is known.
+    A method declares them with ``param_axes_at(site) -> mapping`` (when they depend on the
+    site: IA3 scales a layer's input at some sites and its output at others) or with a
+    ``param_axes`` mapping; LoRA (``jaxpeft.methods.lora.LoRA``) is known here.
     """
+    at = getattr(method, "param_axes_at", None)
+    if at is not None and site is not None:
+        axes = at(site)
+        if axes is not None:
+            return axes
     own = getattr(method, "param_axes", None)
     if own is not None:
         return own
@@ -383,7 +391,7 @@ def _leaf_spec(
     unknown: list[str],
 ) -> P:
     info = peft[path]
-    axes = param_axes(info.method)
+    axes = param_axes(info.method, info.site)
     shape = _shape(leaf)
     if axes is None or info.name not in axes:
         unknown.append(path)
@@ -485,6 +493,15 @@ def _nnx_specs(model: Any, base_specs: Any, rules: Rules | None, rank_axis: Any)
 
     from jaxpeft.bind.nnx import peft_layers
 
+    from jaxpeft.bind.nnx import PeftShared
+
+    # Leaves a method shares across sites live in PeftShared modules, which NNX lists under the
+    # first path that reaches them (".../shared/compacter@default/phm_rule"): replicated.
+    shared_prefixes = tuple(
+        "/".join(str(p) for p in graph_path) + "/"
+        for graph_path, node in nnx.iter_graph(model)
+        if isinstance(node, PeftShared)
+    )
     peft: dict[str, _PeftLeaf] = {}
     for graph_path, layer in peft_layers(model):
         prefix = "/".join(str(p) for p in graph_path)
@@ -511,6 +528,7 @@ def _nnx_specs(model: Any, base_specs: Any, rules: Rules | None, rank_axis: Any)
             if p not in table
             and p not in peft
             and not _is_shared(p)
+            and not p.startswith(shared_prefixes)
             and isinstance(v, nnx.Param)
             and not isinstance(v, _peft_param())
         ]
@@ -535,7 +553,7 @@ def _nnx_specs(model: Any, base_specs: Any, rules: Rules | None, rank_axis: Any)
         value = var.get_value()
         if p in peft:
             return var.replace(_leaf_spec(p, value, peft, kernel_entries, rank_axis, unknown))
-        if _is_shared(p):
+        if _is_shared(p) or p.startswith(shared_prefixes):
             return var.replace(P())
         if isinstance(var, _peft_param()):
             unknown.append(p)

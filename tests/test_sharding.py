@@ -17,6 +17,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import warnings
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -325,6 +326,57 @@ def test_methods_declare_their_leaves_and_unknown_leaves_are_replicated_with_a_w
     assert specs["up"]["ia3_scale"] == P("model")  # the kernel's output entry
     assert specs["up"]["lora_b"] == P(None, "model")
     assert specs["down"]["mystery"] == P()
+
+
+@dataclasses.dataclass(frozen=True)
+class InputOrOutputScale(OutputScale):
+    """IA3's two placements: scale the input at "heads" (like its feed-forward sites), the output elsewhere."""
+
+    targets: Any = "(up|heads)$"
+    param_axes: ClassVar[None] = None
+
+    def param_axes_at(self, site):
+        return {"ia3_scale": ("in",) if site.path == "heads" else ("out",)}
+
+    def init_site(self, key, site, base=None):
+        return {"ia3_scale": jnp.ones(site.in_shape if site.path == "heads" else site.out_shape)}
+
+    def apply_site(self, params, site, x, base_fn, *, rng=None, base=None, shared=None):
+        if site.path == "heads":
+            return base_fn(x * params["ia3_scale"])
+        return base_fn(x) * params["ia3_scale"]
+
+
+def test_axes_declared_per_site():
+    model, x = Annotated(), jnp.ones((2, 16))
+    boxed = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    peft_model, params = jp.apply(InputOrOutputScale(), model, jax.random.key(1), x, params=nn.unbox(boxed))
+    specs = peft_specs(peft_model, params, boxed)
+    assert specs["up"]["ia3_scale"] == P("model")  # up (None, model): its output entry
+    assert specs["heads"]["ia3_scale"] == P("data")  # heads (data, model, None): its input entry
+
+
+def test_leaves_shared_across_sites_are_replicated_without_a_warning():
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.Linear(64, 64, kernel_metadata={"out_sharding": (None, "model")}, rngs=rngs)
+            self.down = nnx.Linear(64, 64, kernel_metadata={"out_sharding": ("model", None)}, rngs=rngs)
+
+    with nnx.use_eager_sharding(False):
+        base = nnx.eval_shape(lambda: MLP(nnx.Rngs(0)))
+    model = jp.apply(jp.compacter(targets=["up", "down"], bottleneck=8), base, jax.random.key(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Compacter declares its per-site leaves; phm_rule is shared
+        specs = peft_specs(model)
+    shared = [p for p, v in jp.leaves_with_paths(specs) if "phm_rule" in p]
+    assert shared and all(specs_at_path(specs, p) == P() for p in shared)
+
+
+def specs_at_path(state, path):
+    node = state
+    for part in path.split("/"):
+        node = node[part]
+    return node.get_value()
 
 
 def test_declared_axes_that_do_not_fit_the_leaf_are_an_error():
