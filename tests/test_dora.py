@@ -246,7 +246,9 @@ def test_detach_changes_the_direction_gradient():
         peft = dora(2, targets="layer", detach_norm=detach)
         params = peft.init_site(jax.random.key(1), site, {"kernel": w})
         params = {k: v + 0.3 for k, v in params.items()}
-        loss = lambda p: jnp.sum(peft.apply_site(p, site, jnp.ones((3, 6)), lambda x: x @ w, base={"kernel": w}) ** 2)  # noqa: E731
+        def loss(p):
+            return jnp.sum(peft.apply_site(p, site, jnp.ones((3, 6)), lambda x: x @ w, base={"kernel": w}) ** 2)
+
         grads.append(jax.grad(loss)(params))
     assert not np.allclose(grads[0]["lora_b"], grads[1]["lora_b"])
     np.testing.assert_allclose(grads[0]["dora_magnitude"], grads[1]["dora_magnitude"], rtol=1e-6)
@@ -257,7 +259,7 @@ def test_linen_merge_equals_unmerged_and_unmerge_refuses(use_jit):
     peft = dora(R, 4, targets=TARGETS)
     model, _, peft_model, params = linen_setup(peft)
     params = randomize(params, peft.trainable, jax.random.key(4))
-    merge = (lambda p: jax.jit(lambda q: jp.merge(peft_model, q))(p)) if use_jit else (lambda p: jp.merge(peft_model, p))
+    merge = jax.jit(lambda p: jp.merge(peft_model, p)) if use_jit else (lambda p: jp.merge(peft_model, p))
     merged = merge(params)
     assert not any("lora" in p or "dora" in p for p in jp.paths(merged))
     # the merged kernel vs the factored forward: different rounding, fp32 tolerance

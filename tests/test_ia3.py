@@ -193,7 +193,8 @@ def test_output_scaling_follows_a_permuted_einsum_output():
     y = peft.apply_site({"ia3_scale": l}, site, x, base_fn)
     merged = peft.merge_site({"ia3_scale": l}, {"kernel": w, "bias": b}, site=site)
     y_merged = jnp.einsum("btd,dnh->bthn", x, merged["kernel"]) + merged["bias"]
-    expected = np.einsum("btd,dnh->bthn", np.asarray(x, np.float64), np.asarray(w * l, np.float64)) + np.asarray(b * l.T)
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w * l, np.float64)
+    expected = np.einsum("btd,dnh->bthn", x64, w64) + np.asarray(b * l.T)
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(y_merged, expected, rtol=1e-5, atol=1e-5)
 

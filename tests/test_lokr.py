@@ -176,7 +176,8 @@ def test_kron_apply_matches_numpy_kron(equation, x_shape, kernel_shape):
     (a, c), (b, d) = lokr(factor=2).shapes(site)
     k = jax.random.split(jax.random.key(0), 3)
     x, w1, w2 = jax.random.normal(k[0], x_shape), jax.random.normal(k[1], (a, c)), jax.random.normal(k[2], (b, d))
-    expected = np.einsum(equation, np.asarray(x, np.float64), np.kron(np.asarray(w1, np.float64), np.asarray(w2, np.float64)))
+    delta = np.kron(np.asarray(w1, np.float64), np.asarray(w2, np.float64))
+    expected = np.einsum(equation, np.asarray(x, np.float64), delta)
     np.testing.assert_allclose(kron_apply(x, w1, w2, site), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(jax.jit(kron_apply, static_argnums=3)(x, w1, w2, site), expected, rtol=1e-5, atol=1e-5)
 

@@ -304,7 +304,8 @@ def test_pattern_validation_and_config():
 
 
 def test_lora_plus_update_ratio_under_sgd_is_exactly_ratio():
-    _, _, _, params = linen_setup(jp.chain(lora(R, targets=r"block/query$"), lora(R, targets=r"block/up$", adapter="fr")))
+    peft = jp.chain(lora(R, targets=r"block/query$"), lora(R, targets=r"block/up$", adapter="fr"))
+    _, _, _, params = linen_setup(peft)
     trainable, _ = jp.partition(params, r"lora_")
     grads = randomize(jax.tree.map(jnp.zeros_like, trainable), r"lora_", jax.random.key(6), scale=1.0)
     opt = lora_plus(optax.sgd, 0.5, ratio=16)

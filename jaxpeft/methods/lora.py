@@ -156,12 +156,10 @@ class LoRA:
             raise ValueError(f"LoRA init must be one of {INITS}, got {self.init!r}")
         object.__setattr__(self, "targets", _freeze_selector(self.targets))
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
-        object.__setattr__(
-            self, "rank_pattern", _freeze_pattern("LoRA", "rank_pattern", self.rank_pattern, _is_rank, "a positive int")
-        )
-        object.__setattr__(
-            self, "alpha_pattern", _freeze_pattern("LoRA", "alpha_pattern", self.alpha_pattern, _is_alpha, "a finite number")
-        )
+        rank_pattern = _freeze_pattern("LoRA", "rank_pattern", self.rank_pattern, _is_rank, "a positive int")
+        alpha_pattern = _freeze_pattern("LoRA", "alpha_pattern", self.alpha_pattern, _is_alpha, "a finite number")
+        object.__setattr__(self, "rank_pattern", rank_pattern)
+        object.__setattr__(self, "alpha_pattern", alpha_pattern)
 
     @property
     def updates_base(self) -> bool:
