@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-steps", type=int, default=100, help="LoRA r=8 fine-tuning steps on 'recipes'")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="tiny model, a few steps: checks the script runs (writes nothing)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny model, a few steps: checks the script runs (writes nothing)")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
     batch, seq = (8, 32) if args.quick else (32, 64)

@@ -41,7 +41,10 @@ JIT = pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def _random_tree(seed, dtype=np.float32):
     rng = np.random.default_rng(seed)
     return {
-        "dense": {"kernel": jnp.asarray(rng.normal(size=(4, 3)), dtype), "bias": jnp.asarray(rng.normal(size=3), dtype)},
+        "dense": {
+            "kernel": jnp.asarray(rng.normal(size=(4, 3)), dtype),
+            "bias": jnp.asarray(rng.normal(size=3), dtype),
+        },
         "norm": {"scale": jnp.asarray(rng.normal(size=(5,)), dtype)},
         "step": jnp.asarray(7, jnp.int32),
         "flag": jnp.asarray([True, False]),
@@ -197,7 +200,8 @@ def _dense_merge(base, params, scale, b_factor, a_factor=1.0):
     for site in ("query", "value"):
         a = np.asarray(params[site]["lora_a"], np.float64) * a_factor
         b = np.asarray(params[site]["lora_b"], np.float64) * b_factor
-        merged[site] = {**merged[site], "kernel": np.asarray(base[site]["kernel"], np.float64) + scale * np.tensordot(a, b, axes=1)}
+        kernel = np.asarray(base[site]["kernel"], np.float64) + scale * np.tensordot(a, b, axes=1)
+        merged[site] = {**merged[site], "kernel": kernel}
     return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), merged)
 
 
@@ -295,7 +299,9 @@ def test_alpha_sweep_of_a_lora_adapter(lora_setup):
         return {"mean": float(jnp.mean(peft_model.apply(p, x)))}
 
     table = alpha_sweep(evaluate, None, params, [0.0, 0.5, 1.0], {"x": X})
-    expected = [float(jnp.mean(model.apply({"params": _dense_merge(base, params, peft.scale, a)}, X))) for a in (0, 0.5, 1)]
+    expected = [
+        float(jnp.mean(model.apply({"params": _dense_merge(base, params, peft.scale, a)}, X))) for a in (0, 0.5, 1)
+    ]
     np.testing.assert_allclose([r["mean"] for r in table], expected, atol=1e-5)
     with pytest.raises(jp.SelectorError):
         alpha_sweep(evaluate, None, base, [0.5], {"x": X})

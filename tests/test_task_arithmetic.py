@@ -236,7 +236,8 @@ def test_dare_refuses_bad_rate_and_key():
 @JIT
 def test_merge_task_vectors_composes_dare_ties_and_sum(jit):
     vectors = [{"x": jnp.asarray(t)} for t in (TAU_1, TAU_2, TAU_3)]
-    merge = jax.jit(merge_task_vectors, static_argnames=("method", "density", "drop_rate", "scope")) if jit else merge_task_vectors
+    static = ("method", "density", "drop_rate", "scope")
+    merge = jax.jit(merge_task_vectors, static_argnames=static) if jit else merge_task_vectors
     key = jax.random.key(7)
     keys = jax.random.split(key, 3)  # documented: vector i gets split(key, n)[i]
     dropped = [dare(v, k, 0.4) for v, k in zip(vectors, keys)]
@@ -354,7 +355,10 @@ def test_adapter_missing_a_site_contributes_nothing_there():
     assert value_rank in (2, 5) and _site(adapter, "enc/value")["lora_a"].shape == (IN, value_rank)
     assert _site(adapter, "enc/query")["lora_a"].shape == (IN, 5) and config.rank == 5
     np.testing.assert_allclose(
-        _delta(adapter, "enc/value"), WEIGHTS[0] * _delta(adapters[0], "enc/value", CONFIGS[0].scale), rtol=1e-5, atol=1e-6
+        _delta(adapter, "enc/value"),
+        WEIGHTS[0] * _delta(adapters[0], "enc/value", CONFIGS[0].scale),
+        rtol=1e-5,
+        atol=1e-6,
     )
     np.testing.assert_allclose(
         _delta(adapter, "enc/query"), _weighted_sum("enc/query", adapters), rtol=1e-5, atol=1e-5
