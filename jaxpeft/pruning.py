@@ -161,7 +161,7 @@ def _keep_top(keys: list[jax.Array], num_keep: int) -> list[jax.Array]:
     sort by descending key, computed without sorting. The threshold ``t`` (the largest value with
     at least ``num_keep`` keys >= t) is built bit by bit from the top, one counting pass per bit;
     keys above it are kept, then the first ties up to ``num_keep``. On the benchmark LM's 19M
-    weights this is ~14x faster than ``argsort`` on XLA:CPU.
+    kernel weights: 1.8 s against 14 s for ``argsort`` on XLA:CPU (benchmarks/results/pruning.md).
     """
     total = sum(k.size for k in keys)
     if num_keep >= total:
@@ -339,7 +339,7 @@ def _rank_in_group(magnitude: jax.Array) -> jax.Array:
         order = jnp.argsort(jnp.zeros((), magnitude.dtype) - magnitude, axis=-1, stable=True)
         return jnp.argsort(order, axis=-1, stable=True)
     # Small groups: count the entries that beat each one, an [m, m] comparison XLA fuses into the
-    # sum. ~60x faster than two argsorts on XLA:CPU for 2:4 on an 18M-weight kernel set.
+    # sum. 2:4 on the benchmark LM's 19M kernel weights: 0.17 s against 3.9 s for two argsorts.
     index = jnp.arange(m)
     mine, other = magnitude[..., :, None], magnitude[..., None, :]
     beats = (other > mine) | ((other == mine) & (index[None, :] < index[:, None]))
