@@ -312,6 +312,7 @@ def apply_linen(
     base_key, peft_key = jax.random.split(key)
     if params is None:
         params = model.init(base_key, *args, **kwargs)["params"]
+    params = nn.meta.unbox(params)  # boxed (nn.with_partitioning) params: shardings come from jp.peft_specs
     params = unfreeze(params) if not isinstance(params, dict) else params
     if isinstance(params, dict) and set(params) == {"params"}:
         raise ValueError("pass the 'params' collection itself, not the variables dict {'params': ...}")
