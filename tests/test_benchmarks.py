@@ -5,7 +5,7 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("name", ["lora", "qlora", "adapters"])
+@pytest.mark.parametrize("name", ["lora", "qlora", "adapters", "methods"])
 def test_benchmark_quick_run(name, monkeypatch, tmp_path):
     from jaxpeft.bench import main
 
