@@ -146,7 +146,8 @@ def test_mask(jit):
     student, teacher = logits_pair(8)
     mask = np.random.default_rng(0).random(student.shape[:-1]) < 0.6
     fn = maybe_jit(lambda s, t, m: distillation_loss(s, t, temperature=2.0, mask=m), jit)
-    np.testing.assert_allclose(float(fn(student, teacher, mask)), np_distillation(student, teacher, 2.0, mask), rtol=1e-5)
+    expected = np_distillation(student, teacher, 2.0, mask)
+    np.testing.assert_allclose(float(fn(student, teacher, mask)), expected, rtol=1e-5)
     # positions outside the mask do not matter, in value or gradient
     changed = np.where(mask[..., None], student, 100.0 * student + 7.0).astype(np.float32)
     np.testing.assert_allclose(float(fn(changed, teacher, mask)), float(fn(student, teacher, mask)), rtol=1e-6)
