@@ -297,3 +297,17 @@ def test_prefix_tuning_trains_the_demo_task(peft, lr):
                     data.batches("recipes", 8, 32, seed=0), num_steps=30, rng=None, progress=False)
     after = np.mean([evaluate(result.trainable, frozen, b, None) for b in evals])
     assert after < before - 0.2, (before, after)
+
+
+def test_bfloat16_compute_keeps_float32_leaves(lm):
+    _, base = lm
+    peft = jp.chain(prefix_tuning(P), prompt_tuning(2))
+    outputs = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        model = LinenLM(CONFIG.replace(dtype=dtype))
+        peft_model, params = jp.apply(peft, model, jax.random.key(2), X, params=base)
+        assert params["layers_0"]["attn"]["key"]["prefix"].dtype == params["prompt"]["embeddings"].dtype == jnp.float32
+        outputs[dtype] = peft_model.apply(params, X, attention_mask=MASK)
+    assert outputs[jnp.bfloat16].dtype == jnp.float32  # the model's float32 logits
+    # bf16 activations carry ~3 significant digits; logits are O(3) after two blocks.
+    np.testing.assert_allclose(outputs[jnp.bfloat16], outputs[jnp.float32], atol=0.15)
