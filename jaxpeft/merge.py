@@ -105,7 +105,13 @@ def merge(peft_model: Any, params: Any = None, *, adapters: Adapters = True) -> 
     if isinstance(peft_model, PeftLinen):
         if params is None:
             raise TypeError("merge(PeftLinen, params): params are required for a Linen model")
-        return _merge_linen(peft_model, params, resolve(adapters, peft_model.adapter_names))
+        active = resolve(adapters, peft_model.adapter_names)
+        prompts = [type(m).__name__ for m in peft_model.model_methods if adapter_of(m) in active]
+        if prompts:
+            # The plain Linen model cannot carry virtual tokens: merging would silently drop them.
+            raise ValueError(f"cannot merge {prompts} into base-shaped params: soft prompts are not kernel updates; "
+                             "merge the other adapters with merge(..., adapters=[...]) and keep the prompt model")
+        return _merge_linen(peft_model, params, active)
     if isinstance(peft_model, nnx.Module):
         if params is not None:
             raise TypeError("merge(nnx_model): an NNX model holds its own parameters; pass no params")

@@ -158,3 +158,13 @@ def test_merge_selected_adapters(linen_two_adapters):
     assert not any("lora" in p for p in jp.paths(merged))
     np.testing.assert_allclose(model.apply({"params": merged}, X), peft_model.apply(params, X, adapters="de"),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_linen_merge_refuses_a_soft_prompt():
+    model = LinenLM(CONFIG.replace(max_seq_len=64))
+    peft_model, params = jp.apply(jp.chain(jp.lora(2, targets=r"query$"), jp.prompt_tuning(4)), model,
+                                  jax.random.key(0), X)
+    with pytest.raises(ValueError, match="soft prompts are not kernel updates"):
+        jp.merge(peft_model, params)
+    merged = jp.merge(peft_model, params, adapters=[n for n in peft_model.adapter_names if n != "default"] or False)
+    assert not any("lora" in p for p in jp.paths(merged))
