@@ -19,7 +19,7 @@ import jax
 from jaxpeft.bind.linen import WRAPPABLE, PeftLinen, init_params
 from jaxpeft.bind.nnx import apply_nnx, delete_adapter_nnx
 from jaxpeft.bind.nnx import adapter_names as _nnx_adapter_names
-from jaxpeft.bind.plan import Placement, plan
+from jaxpeft.bind.plan import SHARED, Placement, plan, shared_key
 from jaxpeft.bind.select import adapter_of, resolve
 from jaxpeft.transform import Chain, Transform, chain, methods_of
 
@@ -84,6 +84,9 @@ def delete_adapter(peft_model: Any, adapter: str, params: Any = None) -> Any:
                 placements.append(Placement(p.site, keep))
         for path, name in gone:
             params = _without(params, (*path.split("/"), name))
+        for key in {shared_key(m) for p in peft_model.placements for m in p.methods if adapter_of(m) == adapter}:
+            if key in params.get(SHARED, {}):
+                params = _without(params, (SHARED, key))  # the shared leaves go with their adapter
         remaining = tuple(m for m in methods_of(peft_model.peft) if adapter_of(m) != adapter)
         model = dataclasses.replace(peft_model, peft=Chain(remaining), placements=tuple(placements))
         return model, params

@@ -168,3 +168,22 @@ def test_linen_merge_refuses_a_soft_prompt():
         jp.merge(peft_model, params)
     merged = jp.merge(peft_model, params, adapters=[n for n in peft_model.adapter_names if n != "default"] or False)
     assert not any("lora" in p for p in jp.paths(merged))
+
+
+def test_delete_adapter_removes_its_shared_leaves():
+    model = LinenLM(CONFIG)
+    base = model.init(jax.random.key(1), X)["params"]
+    comp = jp.compacter(4, bottleneck=8, adapter="c")
+    peft_model, params = jp.apply(jp.lora(2, targets=r"query$"), model, jax.random.key(2), X, params=base)
+    peft_model, params = jp.add_adapter(peft_model, comp, jax.random.key(3), params=params)
+    assert any(p.startswith("peft_shared/compacter@c/") for p in jp.paths(params))
+    gone_model, gone = jp.delete_adapter(peft_model, "c", params=params)
+    assert not any("peft_shared" in p or "compacter" in p for p in jp.paths(gone))
+    jp.add_adapter(gone_model, comp, jax.random.key(4), params=gone)  # the name can be used again
+
+    nnx_model = jp.add_adapter(jp.apply(jp.lora(2, targets=r"query$"), nnx_from_linen_params(CONFIG, base),
+                                        jax.random.key(2)), comp, jax.random.key(3))
+    without = jp.delete_adapter(nnx_model, "c")
+    assert not any("compacter" in p or "phm_rule" in p for p in jp.paths(nnx.state(without)))
+    with jp.use_adapters(nnx_model, "default"):
+        np.testing.assert_array_equal(without(X), nnx_model(X))

@@ -141,10 +141,11 @@ class PeftLayer(nnx.Module):
 
     def remove(self, adapter: str) -> None:
         """Take the methods of ``adapter`` (and their leaves) off this layer."""
-        for m in self.methods:
-            if adapter_of(m) == adapter:
-                for name in m.param_names:
-                    delattr(self, name)
+        gone = [m for m in self.methods if adapter_of(m) == adapter]
+        for m in gone:
+            for name in m.param_names:
+                delattr(self, name)
+        self.shared = nnx.data({k: v for k, v in self.shared.items() if k not in {shared_key(m) for m in gone}})
         self.methods = tuple(m for m in self.methods if adapter_of(m) != adapter)
 
     def is_active(self, method: Any) -> bool:
@@ -482,7 +483,12 @@ def delete_adapter_nnx(model: nnx.Module, adapter: str) -> nnx.Module:
     """A new graph without ``adapter``; layers left with nothing to do are unwrapped."""
     resolve([adapter], adapter_names(model))
     new = copy_graph(model)
+    holder = getattr(new, SHARED, None)
     for path, layer in list(peft_layers(new)):
+        if holder is not None:
+            for key in [shared_key(m) for m in layer.methods if adapter_of(m) == adapter]:
+                if key in holder:
+                    del holder[key]  # the shared leaves go with their adapter
         layer.remove(adapter)
         if not layer.methods and not is_quantized(layer.base_layer.kernel.get_value()):
             _set(_get(new, path[:-1]), path[-1], layer.base_layer)
