@@ -51,7 +51,7 @@ def _merge_linen(peft_model: PeftLinen, params: Mapping, active: frozenset[str])
         names = set()
         for m in placement.methods:
             if adapter_of(m) in active:
-                base = m.merge_site({n: node[n] for n in m.param_names}, base)
+                base = m.merge_site({n: node[n] for n in m.param_names}, base, site=placement.site)
             names.update(m.param_names)
         merged = {k: v for k, v in node.items() if k not in names}
         merged.update(base)
@@ -69,7 +69,7 @@ def _unmerge_linen(peft_model: PeftLinen, merged: Mapping, adapter: Mapping) -> 
         base = _layer_base(node)
         for m in reversed(placement.methods):
             site_params = {n: leaves[n] for n in m.param_names}
-            base = m.unmerge_site(site_params, base)
+            base = m.unmerge_site(site_params, base, site=placement.site)
             node.update(site_params)
         node.update(base)
         params = _replace(params, placement.site.path.split("/"), node)
@@ -121,7 +121,7 @@ def merge(peft_model: Any, params: Any = None, *, adapters: Adapters = True) -> 
             base = _nnx_base(layer)
             for m in layer.methods:
                 if adapter_of(m) in active:
-                    base = m.merge_site({n: getattr(layer, n).get_value() for n in m.param_names}, base)
+                    base = m.merge_site({n: getattr(layer, n).get_value() for n in m.param_names}, base, site=layer.site)
             _set(_get(new, path[:-1]), path[-1], _layer_with(layer.base_layer, base))
         if hasattr(new, SHARED):
             delattr(new, SHARED)
@@ -152,7 +152,7 @@ def unmerge(peft_model: Any, merged: Any, adapter: Any = None) -> Any:
             base = {k: getattr(merged_layer, k).get_value() for k in ("kernel", "bias")
                     if isinstance(getattr(merged_layer, k, None), nnx.Variable)}
             for m in reversed(layer.methods):
-                base = m.unmerge_site({n: getattr(layer, n).get_value() for n in m.param_names}, base)
+                base = m.unmerge_site({n: getattr(layer, n).get_value() for n in m.param_names}, base, site=layer.site)
             layer.base_layer = _layer_with(layer.base_layer, base)
         return new
     raise TypeError(f"unmerge expects a PeftLinen or an NNX module from jp.apply, got {type(peft_model).__name__}")

@@ -8,7 +8,7 @@ A transform is a frozen dataclass (``jaxpeft.methods.lora.LoRA`` is the referenc
 * ``init_site(key, site, base) -> {name: array}``;
 * ``apply_site(params, site, x, base_fn, *, rng=None, base=None, shared=None) -> y``: the layer's
   output, wrapping ``base_fn`` (the base layer or the previous method);
-* ``merge_site(params, base) -> base`` and ``unmerge_site(params, base) -> base``;
+* ``merge_site(params, base, site=None) -> base`` and ``unmerge_site(params, base, site=None) -> base``;
 * ``config() -> dict``: JSON, saved with checkpoints;
 * optionally ``shared_names`` and ``init_shared(key, sites) -> {name: array}``: leaves shared by
   all its sites (Compacter's slow weights), stored once and passed to ``apply_site`` as ``shared``.

@@ -187,3 +187,16 @@ def test_delete_adapter_removes_its_shared_leaves():
     assert not any("compacter" in p or "phm_rule" in p for p in jp.paths(nnx.state(without)))
     with jp.use_adapters(nnx_model, "default"):
         np.testing.assert_array_equal(without(X), nnx_model(X))
+
+
+def test_merge_and_mixed_batches_use_per_site_scales():
+    model = LinenLM(CONFIG)
+    base = model.init(jax.random.key(1), X)["params"]
+    patterned = jp.lora(4, 4, targets=r"attn/(query|value)$", alpha_pattern={r"value$": 16.0}, adapter="p")
+    peft_model, params = jp.apply(patterned, model, jax.random.key(2), X, params=base)
+    params = _randomize(params, r"lora_", jax.random.key(3))
+    merged = jp.merge(peft_model, params)
+    np.testing.assert_allclose(model.apply({"params": merged}, X), peft_model.apply(params, X), rtol=1e-5, atol=1e-5)
+    ids = jnp.array([0, 0, 0, 0])
+    np.testing.assert_allclose(peft_model.apply(params, X, adapters=("p",), adapter_ids=ids),
+                               peft_model.apply(params, X), rtol=1e-5, atol=1e-5)

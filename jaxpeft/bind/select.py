@@ -54,7 +54,7 @@ def mixed_call(
     if not by_name:
         return y
     factors = [tuple(params_of(by_name[n])[k] for k in by_name[n].param_names) if n in by_name else None for n in names]
-    scales = [by_name[n].scale if n in by_name else 0.0 for n in names]
+    scales = [by_name[n].scale_at(site.path) if n in by_name else 0.0 for n in names]
     return y + lora_delta_mixed(factors, scales, adapter_ids, site, x).astype(y.dtype)
 
 

@@ -301,11 +301,15 @@ class BottleneckAdapter:
         down_bias, up_bias = (leaves[2], leaves[3].reshape(d)) if self.use_bias else (None, None)
         return adapter_forward(y, site, down, up, down_bias, up_bias, self.activation, self.scale)
 
-    def merge_site(self, params: Mapping[str, jax.Array], base: Mapping[str, Any]) -> dict[str, Any]:
+    def merge_site(
+        self, params: Mapping[str, jax.Array], base: Mapping[str, Any], site: Site | None = None
+    ) -> dict[str, Any]:
         """Always raises: a nonlinear adapter has no kernel form."""
         raise not_mergeable("BottleneckAdapter")
 
-    def unmerge_site(self, params: Mapping[str, jax.Array], base: Mapping[str, Any]) -> dict[str, Any]:
+    def unmerge_site(
+        self, params: Mapping[str, jax.Array], base: Mapping[str, Any], site: Site | None = None
+    ) -> dict[str, Any]:
         """Always raises: nothing was merged."""
         raise not_mergeable("BottleneckAdapter")
 

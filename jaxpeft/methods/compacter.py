@@ -254,11 +254,15 @@ class Compacter:
             biases = (params[self.param_names[4]], params[self.param_names[5]].reshape(-1))
         return adapter_forward(y, site, down, up, *biases, self.activation, self.scale)
 
-    def merge_site(self, params: Mapping[str, jax.Array], base: Mapping[str, Any]) -> dict[str, Any]:
+    def merge_site(
+        self, params: Mapping[str, jax.Array], base: Mapping[str, Any], site: Site | None = None
+    ) -> dict[str, Any]:
         """Always raises: a nonlinear adapter has no kernel form."""
         raise not_mergeable("Compacter")
 
-    def unmerge_site(self, params: Mapping[str, jax.Array], base: Mapping[str, Any]) -> dict[str, Any]:
+    def unmerge_site(
+        self, params: Mapping[str, jax.Array], base: Mapping[str, Any], site: Site | None = None
+    ) -> dict[str, Any]:
         """Always raises: nothing was merged."""
         raise not_mergeable("Compacter")
 

@@ -282,7 +282,9 @@ class PrefixTuning:
         """
         return concat_prefix(base_fn(x), self.prefix(params, shared), site)
 
-    def merge_site(self, params: Mapping[str, jax.Array], base: Mapping[str, Any]) -> dict[str, Any]:
+    def merge_site(
+        self, params: Mapping[str, jax.Array], base: Mapping[str, Any], site: Site | None = None
+    ) -> dict[str, Any]:
         raise ValueError(
             "prefix tuning cannot be merged into a kernel: it adds keys and values, it does not change the "
             "projection. Serve the prefix model as it is (jp.fold removes a reparameterisation MLP), or give it "
