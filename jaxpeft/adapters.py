@@ -22,6 +22,7 @@ from jaxpeft.bind.nnx import adapter_names as _nnx_adapter_names
 from jaxpeft.bind.plan import SHARED, Placement, plan, shared_key
 from jaxpeft.bind.select import adapter_of, resolve
 from jaxpeft.transform import Chain, Transform, chain, methods_of
+from jaxpeft.tree import delete_path
 
 
 def adapter_names(peft_model: Any) -> tuple[str, ...]:
@@ -83,23 +84,13 @@ def delete_adapter(peft_model: Any, adapter: str, params: Any = None) -> Any:
             if keep:
                 placements.append(Placement(p.site, keep))
         for path, name in gone:
-            params = _without(params, (*path.split("/"), name))
+            params = delete_path(params, (*path.split("/"), name))
         for key in {shared_key(m) for p in peft_model.placements for m in p.methods if adapter_of(m) == adapter}:
             if key in params.get(SHARED, {}):
-                params = _without(params, (SHARED, key))  # the shared leaves go with their adapter
+                params = delete_path(params, (SHARED, key))  # the shared leaves go with their adapter
         remaining = tuple(m for m in methods_of(peft_model.peft) if adapter_of(m) != adapter)
         model = dataclasses.replace(peft_model, peft=Chain(remaining), placements=tuple(placements))
         return model, params
     if isinstance(peft_model, flax.nnx.Module):
         return delete_adapter_nnx(peft_model, adapter)
     raise TypeError(f"delete_adapter expects a PeftLinen or an NNX model from jp.apply, got {type(peft_model).__name__}")
-
-
-def _without(tree: dict, path: tuple[str, ...]) -> dict:
-    head, *rest = path
-    out = dict(tree)
-    if rest:
-        out[head] = _without(tree[head], tuple(rest))
-    else:
-        del out[head]
-    return out

@@ -17,6 +17,7 @@ from jaxpeft.bind.linen import PeftLinen
 from jaxpeft.bind.nnx import PeftLayer, _get, _set, adapter_names, copy_graph, peft_layers
 from jaxpeft.bind.plan import SHARED
 from jaxpeft.bind.select import Adapters, adapter_of, resolve
+from jaxpeft.tree import get_path, set_path
 from jaxpeft.quant import QuantizedArray, dequantize, dequantize_array
 
 
@@ -25,28 +26,13 @@ def _float(kernel: Any) -> Any:
     return dequantize_array(kernel) if isinstance(kernel, QuantizedArray) else kernel
 
 
-def _node(tree: Any, path: str) -> Any:
-    for part in path.split("/"):
-        if not isinstance(tree, Mapping) or part not in tree:
-            raise KeyError(f"no parameters at {path!r} (missing {part!r})")
-        tree = tree[part]
-    return tree
-
-
-def _replace(tree: Mapping, parts: list[str], value: Any) -> dict:
-    head, *rest = parts
-    out = dict(tree)
-    out[head] = _replace(tree[head], rest, value) if rest else value
-    return out
-
-
 def _layer_base(node: Mapping) -> dict:
     return {k: node[k] for k in ("kernel", "bias") if k in node}
 
 
 def _merge_linen(peft_model: PeftLinen, params: Mapping, active: frozenset[str]) -> dict:
     for placement in peft_model.placements:
-        node = _node(params, placement.site.path)
+        node = get_path(params, placement.site.path)
         base = {**_layer_base(node), "kernel": _float(node["kernel"])}
         names = set()
         for m in placement.methods:
@@ -55,7 +41,7 @@ def _merge_linen(peft_model: PeftLinen, params: Mapping, active: frozenset[str])
             names.update(m.param_names)
         merged = {k: v for k, v in node.items() if k not in names}
         merged.update(base)
-        params = _replace(params, placement.site.path.split("/"), merged)
+        params = set_path(params, placement.site.path.split("/"), merged)
     return dequantize({k: v for k, v in params.items() if k != SHARED})
 
 
@@ -64,15 +50,15 @@ def _unmerge_linen(peft_model: PeftLinen, merged: Mapping, adapter: Mapping) -> 
     if SHARED in adapter:
         params[SHARED] = adapter[SHARED]
     for placement in peft_model.placements:
-        node = dict(_node(merged, placement.site.path))
-        leaves = _node(adapter, placement.site.path)
+        node = dict(get_path(merged, placement.site.path))
+        leaves = get_path(adapter, placement.site.path)
         base = _layer_base(node)
         for m in reversed(placement.methods):
             site_params = {n: leaves[n] for n in m.param_names}
             base = m.unmerge_site(site_params, base, site=placement.site)
             node.update(site_params)
         node.update(base)
-        params = _replace(params, placement.site.path.split("/"), node)
+        params = set_path(params, placement.site.path.split("/"), node)
     return params
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -372,3 +372,35 @@ def summary(
         row[2] += b if on else 0
         row[3] += b
     return ParamSummary(tuple((g, *r) for g, r in groups.items()))
+
+
+# Nested-dict surgery used by the bindings, merge and adapter management. Each returns a new
+# tree: containers along the path are copied, every other container and leaf is shared.
+
+
+def get_path(tree: Any, path: str) -> Any:
+    """The subtree of nested dicts at ``"a/b/c"``; a missing key names the path and the key."""
+    for part in path.split("/"):
+        if not isinstance(tree, Mapping) or part not in tree:
+            raise KeyError(f"no parameters at {path!r} (missing {part!r})")
+        tree = tree[part]
+    return tree
+
+
+def set_path(tree: Mapping, parts: Sequence[str], value: Any) -> dict:
+    """A copy of ``tree`` with ``value`` at ``parts`` (missing containers are created)."""
+    head, *rest = parts
+    out = dict(tree)
+    out[head] = set_path(dict(tree.get(head, {})), rest, value) if rest else value
+    return out
+
+
+def delete_path(tree: Mapping, parts: Sequence[str]) -> dict:
+    """A copy of ``tree`` without the entry at ``parts``."""
+    head, *rest = parts
+    out = dict(tree)
+    if rest:
+        out[head] = delete_path(tree[head], rest)
+    else:
+        del out[head]
+    return out

@@ -22,6 +22,7 @@ from jaxpeft.bind.linen import PeftLinen
 from jaxpeft.bind.nnx import PeftParam, PeftShared, _get, _prompt_models, copy_graph, peft_layers
 from jaxpeft.bind.plan import SHARED, Placement, shared_key
 from jaxpeft.transform import Chain, Transform
+from jaxpeft.tree import get_path, set_path
 
 
 def _map(peft: Transform, f: Callable[[Transform], Transform]) -> Transform:
@@ -32,19 +33,6 @@ def _map(peft: Transform, f: Callable[[Transform], Transform]) -> Transform:
 
 def _folded(method: Transform) -> Transform:
     return method.folded() if hasattr(method, "folded") else method
-
-
-def _node(tree: Mapping, path: str) -> Mapping:
-    for part in path.split("/"):
-        tree = tree[part]
-    return tree
-
-
-def _with_node(tree: Mapping, parts: list[str], node: Any) -> dict:
-    head, *rest = parts
-    out = dict(tree)
-    out[head] = _with_node(tree[head], rest, node) if rest else node
-    return out
 
 
 def _check_groups(methods: tuple[Transform, ...]) -> None:
@@ -58,7 +46,7 @@ def _fold_linen(peft_model: PeftLinen, params: Mapping) -> tuple[PeftLinen, dict
     new = dict(params)
     placements, folded_shared = [], set()
     for p in peft_model.placements:
-        node = dict(_node(params, p.site.path))
+        node = dict(get_path(params, p.site.path))
         methods = []
         for m in p.methods:
             if hasattr(m, "fold_site"):
@@ -69,7 +57,7 @@ def _fold_linen(peft_model: PeftLinen, params: Mapping) -> tuple[PeftLinen, dict
                 if shared is not None:
                     folded_shared.add(shared_key(m))
             methods.append(_folded(m))
-        new = _with_node(new, p.site.path.split("/"), node)
+        new = set_path(new, p.site.path.split("/"), node)
         placements.append(Placement(p.site, tuple(methods)))
     if folded_shared:
         rest = {k: v for k, v in new[SHARED].items() if k not in folded_shared}

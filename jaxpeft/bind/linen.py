@@ -38,6 +38,7 @@ from jaxpeft.bind.quantized import dequantized_kernel, is_quantized
 from jaxpeft.bind.select import Adapters, adapter_of, check_mixed, mixed_call, resolve
 from jaxpeft.methods.site import Site, dense_general_equation
 from jaxpeft.transform import Transform, methods_of
+from jaxpeft.tree import get_path, set_path
 
 WRAPPABLE = "Dense, DenseGeneral or Einsum"
 
@@ -119,14 +120,6 @@ def _discover(model: nn.Module, params: Any, args: tuple, kwargs: dict, on_call=
 
     jax.eval_shape(run, params)
     return tuple(found.values())
-
-
-def _set_leaf(tree: dict, path: tuple[str, ...], value: Any) -> dict:
-    """A copy of the nested dict ``tree`` with ``value`` at ``path`` (containers copied, leaves shared)."""
-    head, *rest = path
-    out = dict(tree)
-    out[head] = _set_leaf(dict(tree.get(head, {})), tuple(rest), value) if rest else value
-    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,9 +258,7 @@ BASE_LEAVES = ("kernel", "bias")
 
 
 def _base_params(params: dict, path: str) -> dict:
-    node = params
-    for part in path.split("/"):
-        node = node[part]
+    node = get_path(params, path)
     return {k: node[k] for k in BASE_LEAVES if k in node}
 
 
@@ -281,13 +272,13 @@ def init_params(placements: tuple[Placement, ...], key: jax.Array, params: dict)
             if name in BASE_LEAVES and not getattr(method, "updates_base", False):
                 raise ValueError(f"{type(method).__name__}.init_site returned the base leaf {name!r} at {site.path!r} "
                                  "without declaring updates_base = True")
-            new = _set_leaf(new, (*site.path.split("/"), name), value)
+            new = set_path(new, (*site.path.split("/"), name), value)
     shared = with_shared(placements)
     for k, (name, (method, sites)) in zip(jax.random.split(shared_rng, max(len(shared), 1)), shared.items()):
         if name in new.get(SHARED, {}):
             raise ValueError(f"params already hold shared leaves at {SHARED}/{name}")
         for leaf, value in method.init_shared(k, sites).items():
-            new = _set_leaf(new, (SHARED, name, leaf), value)
+            new = set_path(new, (SHARED, name, leaf), value)
     return new
 
 
