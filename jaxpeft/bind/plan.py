@@ -60,7 +60,7 @@ def plan(
     """
     methods = [m for m in methods_of(peft) if not is_model_method(m)]
     if existing is not None and len(methods) < len(methods_of(peft)):
-        raise NotImplementedError(
+        raise ValueError(
             "soft prompts (prompt tuning, P-tuning) cannot be added to a bound Linen model; bind them with the "
             "other transforms in one jp.apply(jp.chain(...)) (NNX models take them through jp.add_adapter)"
         )

@@ -157,7 +157,8 @@ class _SoftPrompt:
     apply_site = init_site
 
     def prompt(self, params: Mapping[str, jax.Array]) -> jax.Array:
-        raise NotImplementedError
+        """The virtual-token embeddings ``[length, d_model]``: each soft-prompt method defines it."""
+        raise TypeError(f"{type(self).__name__} subclasses _SoftPrompt without defining prompt(params)")
 
     def apply_model(
         self,
