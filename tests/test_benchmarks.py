@@ -5,7 +5,9 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("name", ["lora", "qlora", "adapters", "methods"])
+@pytest.mark.parametrize(
+    "name", ["lora", "qlora", "adapters", pytest.param("methods", marks=pytest.mark.slow)]  # methods: ~45 s
+)
 def test_benchmark_quick_run(name, monkeypatch, tmp_path):
     from jaxpeft.bench import main
 
