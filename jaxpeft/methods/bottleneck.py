@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.methods.lora import check_adapter_name, freeze_selector, selector_config
 from jaxpeft.methods.site import Site, parse_equation
 from jaxpeft.tree import Selector
 
@@ -46,27 +47,6 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 INITS = ("kaiming_uniform", "houlsby")
 HOULSBY_INIT_STD = 1e-2  # Houlsby sec. 3.6: near-identity, N(0, 1e-2) truncated at two standard deviations
-
-
-def freeze_selector(selector: Selector) -> Selector:
-    """Lists in a selector become tuples (configs are hashable: NNX keeps methods as static attributes)."""
-    if isinstance(selector, (list, set, frozenset)):
-        return tuple(freeze_selector(s) for s in selector)
-    return selector
-
-
-def selector_config(targets: Selector) -> Any:
-    """``targets`` as JSON data: a string, a list of strings, or its ``repr``."""
-    if isinstance(targets, str):
-        return targets
-    if isinstance(targets, tuple) and all(isinstance(t, str) for t in targets):
-        return list(targets)
-    return repr(targets)
-
-
-def check_adapter_name(method: str, adapter: Any) -> None:
-    if not isinstance(adapter, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", adapter):
-        raise ValueError(f"{method} adapter name must be letters, digits, '_', '.' or '-'; got {adapter!r}")
 
 
 def check_size(method: str, bottleneck: Any, reduction_factor: Any) -> None:

@@ -42,12 +42,10 @@ from jaxpeft.methods.bottleneck import (
     PFEIFFER_TARGETS,
     adapter_forward,
     bottleneck_size,
-    check_adapter_name,
     check_size,
-    freeze_selector,
     not_mergeable,
-    selector_config,
 )
+from jaxpeft.methods.lora import check_adapter_name, freeze_selector, selector_config
 from jaxpeft.methods.site import Site
 from jaxpeft.tree import Selector
 

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 
 from jaxpeft.methods.ia3 import bias_labels, broadcast_along
 from jaxpeft.methods.lora import (
-    _freeze_selector,
+    freeze_selector,
     _is_alpha,
     _is_rank,
     check_adapter_name,
@@ -137,7 +137,7 @@ class DoRA:
         if not isinstance(self.detach_norm, bool):
             raise ValueError(f"DoRA detach_norm must be a bool, got {self.detach_norm!r}")
         check_adapter_name("DoRA", self.adapter)
-        object.__setattr__(self, "targets", _freeze_selector(self.targets))
+        object.__setattr__(self, "targets", freeze_selector(self.targets))
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
 
     @property

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpeft.methods.lora import _freeze_selector, check_adapter_name, leaf_names, leaf_selector, selector_config
+from jaxpeft.methods.lora import freeze_selector, check_adapter_name, leaf_names, leaf_selector, selector_config
 from jaxpeft.methods.site import Site, float_kernel, parse_equation
 from jaxpeft.tree import Selector
 
@@ -70,7 +70,7 @@ def bias_labels(site: Site) -> str:
 
 
 def _check_feedforward(feedforward: Any) -> Any:
-    feedforward = _freeze_selector(feedforward)
+    feedforward = freeze_selector(feedforward)
     items = feedforward if isinstance(feedforward, tuple) else (feedforward,)
     if feedforward is not None and not all(isinstance(s, (str, re.Pattern)) for s in items):
         raise TypeError(
@@ -119,7 +119,7 @@ class IA3:
 
     def __post_init__(self):
         check_adapter_name("IA3", self.adapter)
-        object.__setattr__(self, "targets", _freeze_selector(self.targets))
+        object.__setattr__(self, "targets", freeze_selector(self.targets))
         object.__setattr__(self, "feedforward", _check_feedforward(self.feedforward))
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
 

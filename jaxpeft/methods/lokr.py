@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpeft.methods.lora import (
-    _freeze_selector,
+    freeze_selector,
     _is_alpha,
     _is_rank,
     check_adapter_name,
@@ -153,7 +153,7 @@ class LoKr:
         if not _is_alpha(self.alpha):
             raise ValueError(f"LoKr alpha must be a finite number, got {self.alpha!r}")
         check_adapter_name("LoKr", self.adapter)
-        object.__setattr__(self, "targets", _freeze_selector(self.targets))
+        object.__setattr__(self, "targets", freeze_selector(self.targets))
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
 
     @property

@@ -35,10 +35,10 @@ from jaxpeft.tree import Selector
 INITS = ("kaiming_uniform", "gaussian", "pissa")
 
 
-def _freeze_selector(selector: Selector) -> Selector:
-    # Configs are hashable (NNX keeps them as static module attributes): lists become tuples.
+def freeze_selector(selector: Selector) -> Selector:
+    """Lists in a selector become tuples (configs are hashable: NNX keeps methods as static attributes)."""
     if isinstance(selector, (list, set, frozenset)):
-        return tuple(_freeze_selector(s) for s in selector)
+        return tuple(freeze_selector(s) for s in selector)
     return selector
 
 
@@ -154,7 +154,7 @@ class LoRA:
         check_adapter_name("LoRA", self.adapter)
         if self.init not in INITS:
             raise ValueError(f"LoRA init must be one of {INITS}, got {self.init!r}")
-        object.__setattr__(self, "targets", _freeze_selector(self.targets))
+        object.__setattr__(self, "targets", freeze_selector(self.targets))
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
         rank_pattern = _freeze_pattern("LoRA", "rank_pattern", self.rank_pattern, _is_rank, "a positive int")
         alpha_pattern = _freeze_pattern("LoRA", "alpha_pattern", self.alpha_pattern, _is_alpha, "a finite number")

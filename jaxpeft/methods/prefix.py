@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.methods.lora import check_adapter_name, freeze_selector, selector_config
 from jaxpeft.methods.site import Site, parse_equation
 from jaxpeft.tree import Selector
 
@@ -49,13 +50,6 @@ SHARED = "peft_shared"  # where the bindings keep shared leaves (jaxpeft.bind.pl
 PREFIX = "prefix"
 EMBEDDING, HIDDEN_KERNEL, HIDDEN_BIAS = "prefix_embedding", "prefix_hidden_kernel", "prefix_hidden_bias"
 OUT_KERNEL, OUT_BIAS = "prefix_out_kernel", "prefix_out_bias"
-
-
-def _freeze_selector(selector: Selector) -> Selector:
-    # Configs are hashable (NNX keeps methods as static attributes): lists become tuples.
-    if isinstance(selector, (list, set, frozenset)):
-        return tuple(_freeze_selector(s) for s in selector)
-    return selector
 
 
 def _positive_int(method: str, field: str, value: Any) -> None:
@@ -153,11 +147,8 @@ class PrefixTuning:
         _positive_int("PrefixTuning", "reparam_hidden", self.reparam_hidden)
         if self.reparam_dim is not None:
             _positive_int("PrefixTuning", "reparam_dim", self.reparam_dim)
-        if not isinstance(self.adapter, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.adapter):
-            raise ValueError(
-                f"PrefixTuning adapter name must be letters, digits, '_', '.' or '-'; got {self.adapter!r}"
-            )
-        object.__setattr__(self, "targets", _freeze_selector(self.targets))
+        check_adapter_name("PrefixTuning", self.adapter)
+        object.__setattr__(self, "targets", freeze_selector(self.targets))
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
 
     def _leaf(self, name: str) -> str:
@@ -194,13 +185,10 @@ class PrefixTuning:
 
     def config(self) -> dict[str, Any]:
         """A JSON-serialisable description (saved with adapter checkpoints)."""
-        targets = self.targets
-        if not (isinstance(targets, str) or (isinstance(targets, tuple) and all(isinstance(t, str) for t in targets))):
-            targets = repr(targets)
         return {
             "method": self.name,
             "length": self.length,
-            "targets": list(targets) if isinstance(targets, tuple) else targets,
+            "targets": selector_config(self.targets),
             "reparam": self.reparam,
             "reparam_dim": self.reparam_dim,
             "reparam_hidden": self.reparam_hidden,

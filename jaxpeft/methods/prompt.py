@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpeft.methods.lora import check_adapter_name
+
 PROMPT_INITS = ("random", "vocab", "text")
 ENCODERS = ("mlp", "lstm")
 RANDOM_INIT_RANGE = 0.5  # Lester et al.'s random init: uniform in [-0.5, 0.5]
@@ -66,11 +68,6 @@ class ModelSpec:
 def _positive_int(method: str, field: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{method} {field} must be a positive int, got {value!r}")
-
-
-def _check_adapter(method: str, adapter: Any) -> None:
-    if not isinstance(adapter, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", adapter):
-        raise ValueError(f"{method} adapter name must be letters, digits, '_', '.' or '-'; got {adapter!r}")
 
 
 def prepend_prompt(
@@ -225,7 +222,7 @@ class PromptTuning(_SoftPrompt):
             if min(ids) < 0:
                 raise ValueError(f"PromptTuning init_token_ids must be non-negative token ids, got {ids}")
             object.__setattr__(self, "init_token_ids", ids)
-        _check_adapter("PromptTuning", self.adapter)
+        check_adapter_name("PromptTuning", self.adapter)
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
 
     def config(self) -> dict[str, Any]:
@@ -365,7 +362,7 @@ class PTuning(_SoftPrompt):
         if self.hidden_size is not None:
             _positive_int("PTuning", "hidden_size", self.hidden_size)
         _positive_int("PTuning", "lstm_layers", self.lstm_layers)
-        _check_adapter("PTuning", self.adapter)
+        check_adapter_name("PTuning", self.adapter)
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
 
     def config(self) -> dict[str, Any]:
