@@ -21,7 +21,8 @@ from collections.abc import Mapping, Sequence
 
 from jaxpeft.data.docstrings import docstrings_in_file, python_files
 
-__all__ = ["Example", "TextDataset", "DatasetError", "TOPICS", "Topic", "load_docstring_topics", "check_dataset"]
+__all__ = ["Example", "TextDataset", "DatasetError", "TOPICS", "Topic", "load_docstring_topics", "check_dataset",
+           "source_roots"]
 
 
 class DatasetError(ValueError):
@@ -115,9 +116,18 @@ def _package_root(spec: str) -> tuple[str, pathlib.Path]:
                            f"install jaxpeft's extras (pip install -e '.[examples]') or drop it from the topic")
     if found.submodule_search_locations:
         root = pathlib.Path(list(found.submodule_search_locations)[0])
-    else:
-        root = pathlib.Path(found.origin).parent
-    return top, root / rest if rest else root
+        return top, root / rest if rest else root
+    if rest or found.origin is None or not found.origin.endswith(".py"):
+        raise DatasetError(f"source {spec!r}: {top!r} is a single module ({found.origin}), not a package "
+                           f"with a sub-path")
+    return top, pathlib.Path(found.origin)  # a single-file module: just that file
+
+
+def source_roots(topics: Sequence[Topic] = TOPICS) -> list[pathlib.Path]:
+    """Every file or directory the topics read, standard library first (raises for a missing package)."""
+    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    roots = [stdlib / rel for t in topics for rel in t.stdlib]
+    return roots + [_package_root(spec)[1] for t in topics for spec in t.shifted]
 
 
 def _collect(origin: str, root: pathlib.Path, base: pathlib.Path, label: int, min_words: int) -> list[Example]:
@@ -170,7 +180,8 @@ def load_docstring_topics(
         examples = []
         for spec in topic.shifted:
             top, root = _package_root(spec)
-            examples += _collect(top, root, root.parents[len(pathlib.Path(spec).parts) - 1], label, min_words)
+            depth = len(pathlib.Path(spec).parts) if root.is_dir() else 1  # relative to the package's parent
+            examples += _collect(top, root, root.parents[depth - 1], label, min_words)
         kept = _dedupe(examples, seen)
         shifted += sorted(kept, key=lambda e: _hash(e.text))[:max_shifted_per_label]
     train_end, val_end = fractions[0], fractions[0] + fractions[1]
