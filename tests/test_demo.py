@@ -157,6 +157,7 @@ def test_tokenizer_that_does_not_load_is_named(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.interop
 def test_minilm_matches_transformers_bert_mean_pooling():
     """20 sentences: our mean-pooled embeddings vs transformers' BertModel + mean pooling, <= 1e-4."""
     torch = pytest.importorskip("torch")
