@@ -66,7 +66,7 @@ from jaxpeft.pruning import (
     nm_mask,
     rewind,
 )
-from jaxpeft.offload import offload, paged_train_step
+from jaxpeft.paged import offload, paged_train_step
 from jaxpeft.quant import QuantizedArray, qmatmul_blockwise, quant_summary
 from jaxpeft.sharding import ShardingError, check_specs, optimizer_specs, param_axes, peft_specs, shardings
 from jaxpeft.task_arithmetic import (

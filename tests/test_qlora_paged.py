@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import jaxpeft as jp
-from jaxpeft import offload as paged
+from jaxpeft import paged
 
 
 def _problem():
