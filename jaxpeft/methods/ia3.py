@@ -149,15 +149,10 @@ class IA3:
         return _is_feedforward(self.feedforward, site.path)
 
     def config(self) -> dict[str, Any]:
-        feedforward = self.feedforward
-        if isinstance(feedforward, re.Pattern):
-            feedforward = feedforward.pattern
-        elif isinstance(feedforward, tuple):
-            feedforward = [f.pattern if isinstance(f, re.Pattern) else f for f in feedforward]
         return {
             "method": self.name,
             "targets": selector_config(self.targets),
-            "feedforward": feedforward,
+            "feedforward": selector_config(self.feedforward),
             "param_dtype": self.param_dtype,
             "adapter": self.adapter,
         }

@@ -60,12 +60,10 @@ def leaf_selector(names: tuple[str, ...]) -> str:
 
 
 def selector_config(targets: Selector) -> Any:
-    """``targets`` as JSON data: a string, a list of strings, or its ``repr``."""
-    if isinstance(targets, str):
-        return targets
-    if isinstance(targets, tuple) and all(isinstance(t, str) for t in targets):
-        return list(targets)
-    return repr(targets)
+    """``targets`` as JSON data that ``jaxpeft.registry`` rebuilds (see ``registry.encode_selector``)."""
+    from jaxpeft.registry import encode_selector  # the one place selectors are encoded
+
+    return encode_selector(targets)
 
 
 Pattern = tuple[tuple[str, Any], ...]
