@@ -21,9 +21,8 @@ from jaxpeft.checkpoint import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointMismatchError,
-    insert,
+    load_adapter,
     load_metadata,
-    prune,
     restore_adapter,
     save_adapter,
 )
@@ -41,6 +40,7 @@ from jaxpeft.ensembling import (
     wise_ft,
     wise_ft_adapter,
 )
+from jaxpeft.generate import GenerateOutput, generate
 from jaxpeft.losses import cross_entropy
 from jaxpeft.merge import merge, unmerge
 from jaxpeft.methods import DoRA, IA3, LoKr, LoRA, Site, dora, ia3, lokr, lora, pissa_to_lora
@@ -86,10 +86,12 @@ from jaxpeft.tree import (
     SelectorError,
     combine,
     fingerprint,
+    insert,
     leaves_with_paths,
     mask,
     partition,
     paths,
+    prune,
     select,
     summary,
 )
@@ -105,6 +107,7 @@ __all__ = [
     "Compacter",
     "DoRA",
     "EarlyStopping",
+    "GenerateOutput",
     "IA3",
     "LoKr",
     "LoRA",
@@ -151,6 +154,7 @@ __all__ = [
     "evaluate",
     "fingerprint",
     "fit",
+    "generate",
     "fold",
     "greedy_soup",
     "houlsby",
@@ -158,6 +162,7 @@ __all__ = [
     "insert",
     "iterative_magnitude_pruning",
     "leaves_with_paths",
+    "load_adapter",
     "load_metadata",
     "lokr",
     "lora",
