@@ -66,7 +66,8 @@ from jaxpeft.pruning import (
     nm_mask,
     rewind,
 )
-from jaxpeft.quant import QuantizedArray, quant_summary
+from jaxpeft.paged import offload, paged_train_step
+from jaxpeft.quant import QuantizedArray, qmatmul_blockwise, quant_summary
 from jaxpeft.sharding import ShardingError, check_specs, optimizer_specs, param_axes, peft_specs, shardings
 from jaxpeft.task_arithmetic import (
     add_weighted_adapters,
@@ -145,6 +146,9 @@ __all__ = [
     "decay_mask",
     "delete_adapter",
     "dequantize",
+    "offload",
+    "paged_train_step",
+    "qmatmul_blockwise",
     "distillation_loss",
     "dora",
     "evaluate",
