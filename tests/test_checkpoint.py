@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -469,6 +470,13 @@ def test_damage_to_any_array_file_is_refused_before_orbax_reads(tmp_path, monkey
         file.write_bytes(raw)
     monkeypatch.undo()
     assert restore_adapter(path)[0]["big"].shape == (64, 64)  # everything put back: restores again
+
+
+def test_missing_arrays_directory_is_refused(tmp_path):
+    path, _ = _corruptible_checkpoint(tmp_path)
+    shutil.rmtree(path / ckpt.ARRAYS_DIR)
+    with pytest.raises(CheckpointCorruptError, match=r"arrays/ is missing \(2 stored leaves expected\)"):
+        restore_adapter(path)
 
 
 def test_edited_metadata_is_refused_by_its_digest(tmp_path):

@@ -218,8 +218,7 @@ def load_metadata(directory: str | os.PathLike) -> dict:
       CheckpointCorruptError: the metadata file is not JSON or does not match its own digest.
     """
     directory = pathlib.Path(directory).absolute()
-    if jax.process_index() == 0:
-        atomic.recover(directory)
+    atomic.recover(directory)  # on every process: the rename is atomic, one of them wins, the rest see it done
     if not directory.is_dir():
         raise CheckpointError(f"no adapter checkpoint at {directory}: not a directory")
     return read_metadata(directory)
