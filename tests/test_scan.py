@@ -184,3 +184,34 @@ def test_nnx_vmap_stack_run_with_scan_equals_unrolled_and_linen_layout():
 
     grads = nnx.grad(loss, argnums=nnx.DiffState(0, jp.PeftParam))(model)
     assert grads["layers"]["query"]["lora_b"].shape == (L, R, 2 * D)
+
+
+# -- the reference LMs' scan_layers option ------------------------------------------------------------
+
+
+def test_reference_lms_scan_layers_equal_unrolled_and_each_other():
+    from jaxpeft.models.config import LMConfig
+    from jaxpeft.models.linen_lm import LinenLM
+    from jaxpeft.models.nnx_lm import NnxLM
+
+    config = LMConfig.tiny(num_layers=L)
+    tokens = jnp.array([[1, 5, 7, 2, 9, 3], [4, 4, 8, 1, 0, 6]])
+    unrolled = LinenLM(config)
+    params = unrolled.init(jax.random.key(0), tokens)["params"]
+    stacked = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    stacked["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"layers_{i}"] for i in range(L)])
+    scanned = LinenLM(config.replace(scan_layers=True))
+    np.testing.assert_allclose(scanned.apply({"params": stacked}, tokens), unrolled.apply({"params": params}, tokens),
+                               rtol=1e-5, atol=1e-5)
+    peft = jp.lora(rank=R, targets=r"attn/(query|value)$")
+    peft_model, peft_params = jp.apply(peft, scanned, jax.random.key(1), tokens, params=stacked)
+    assert peft_params["layers"]["attn"]["query"]["lora_a"].shape == (L, config.d_model, R)
+    nnx_model = NnxLM(config.replace(scan_layers=True), rngs=nnx.Rngs(0))
+    nnx.update(nnx_model, stacked)
+    nnx_peft = jp.apply(peft, nnx_model, jax.random.key(1))
+    # Same seed, same adapters; same outputs once B moves off zero.
+    np.testing.assert_array_equal(nnx_peft.layers.attn.query.lora_a.get_value(),
+                                  peft_params["layers"]["attn"]["query"]["lora_a"])
+    peft_params = randomize(peft_params, peft.trainable, jax.random.key(2))
+    nnx.update(nnx_peft, jp.prune(jp.partition(peft_params, peft.trainable)[0]))
+    np.testing.assert_allclose(nnx_peft(tokens), peft_model.apply(peft_params, tokens), rtol=1e-5, atol=1e-5)

@@ -422,11 +422,27 @@ def quantize_nnx(model: nnx.Module, **kwargs: Any) -> nnx.Module:
     """A new graph whose selected kernels are ``QuantizedArray`` Variables; ``model`` is untouched.
 
     Keyword arguments are those of ``jaxpeft.quant.quantize``. The result runs through
-    ``jp.apply`` (which wraps every quantized layer); Flax's layers alone cannot use it.
+    ``jp.apply`` (which wraps every quantized layer); Flax's layers alone cannot use it. Only the
+    ``kernel`` of a layer the binding wraps (``Linear``, ``LinearGeneral``, ``Einsum``) can be
+    dequantized in the forward: any other selected leaf is refused, naming the layer, before any
+    array is quantized (the selection is checked on shapes alone, under ``jax.eval_shape``).
     """
-    from jaxpeft.quant import quantize
+    from jaxpeft.quant import QuantizedArray, quantize
 
     graphdef, state = nnx.split(model)
+    abstract = nnx.merge(graphdef, jax.eval_shape(lambda s: quantize(s, **kwargs), state))
+    wraps = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
+    for path, node in nnx.iter_graph(abstract):
+        if not isinstance(node, nnx.Module):
+            continue
+        for name, var in vars(node).items():
+            if isinstance(var, nnx.Variable) and isinstance(var.get_value(), QuantizedArray):
+                if not (isinstance(node, wraps) and name == "kernel"):
+                    where = "/".join(map(str, (*path, name)))
+                    raise TypeError(
+                        f"jp.quantize would quantize {where!r} ({type(node).__name__}.{name}), which no NNX forward "
+                        f"can dequantize: only the kernel of a {WRAPPABLE} layer runs quantized. Narrow `targets`"
+                    )
     return nnx.merge(graphdef, quantize(state, **kwargs))
 
 
