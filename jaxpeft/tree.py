@@ -39,6 +39,7 @@ __all__ = [
     "leaves_with_paths",
     "paths",
     "matches",
+    "check_selector",
     "mask",
     "select",
     "partition",
@@ -129,6 +130,33 @@ def matches(selector: Selector, path: str, leaf: Any = None) -> bool:
     )
 
 
+def check_selector(selector: Selector, what: str = "selector") -> None:
+    """Raise before any work if ``selector`` is not one (``None``, a number, ...) or holds an invalid regex.
+
+    Raises:
+      TypeError: not a selector (``None`` included: use ``True`` for every leaf, ``False`` for none).
+      SelectorError: a string that does not compile as a regex; the message quotes it.
+    """
+    if isinstance(selector, (bool, re.Pattern, type)):
+        return
+    if isinstance(selector, str):
+        try:
+            re.compile(selector)
+        except re.error as e:
+            raise SelectorError(f"{what} {selector!r} is not a valid regex: {e}") from None
+        return
+    if isinstance(selector, (list, tuple, set, frozenset)):
+        for s in selector:
+            check_selector(s, what)
+        return
+    if callable(selector):
+        return
+    raise TypeError(
+        f"{what} must be a regex string, re.Pattern, type, callable (path, leaf) -> bool, bool or a list of "
+        f"those; got {type(selector).__name__}: {selector!r}" + (" (True selects every leaf)" if selector is None else "")
+    )
+
+
 def describe(selector: Selector) -> str:
     """A short human-readable form of a selector, for error messages."""
     if isinstance(selector, re.Pattern):
@@ -171,6 +199,8 @@ def mask(tree: Any, selector: Selector, is_leaf: Callable[[Any], bool] | None = 
     Usable directly as an ``optax.masked`` mask.
     """
 
+    check_selector(selector)
+
     def leaf(x):
         return _default_is_leaf(x) or (is_leaf is not None and is_leaf(x))
 
@@ -193,6 +223,7 @@ def select(
       SelectorError: nothing matched (unless ``allow_empty``); the message lists the
         closest existing paths.
     """
+    check_selector(selector)
     items = leaves_with_paths(tree, is_leaf)
     hits = [p for p, x in items if matches(selector, p, x)]
     if not hits and not allow_empty:
