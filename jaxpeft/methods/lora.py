@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -30,16 +31,31 @@ import jax
 import jax.numpy as jnp
 
 from jaxpeft.methods.site import Site, float_kernel, fresh_label, parse_equation
-from jaxpeft.tree import Selector
+from jaxpeft.tree import Selector, check_selector
 
 INITS = ("kaiming_uniform", "gaussian", "pissa")
 
 
-def freeze_selector(selector: Selector) -> Selector:
-    """Lists in a selector become tuples (configs are hashable: NNX keeps methods as static attributes)."""
+def freeze_selector(selector: Selector, what: str = "targets") -> Selector:
+    """Lists in a selector become tuples (configs are hashable: NNX keeps methods as static attributes).
+
+    A value that is no selector (``None``) or an invalid regex is refused here, when the transform is built.
+    """
+    check_selector(selector, what)
     if isinstance(selector, (list, set, frozenset)):
         return tuple(freeze_selector(s) for s in selector)
     return selector
+
+
+def dtype_name(method: str, value: Any, field: str = "param_dtype") -> str:
+    """``value`` as a dtype name (``"bfloat16"``), or a ValueError naming the field and the value."""
+    try:
+        return jnp.dtype(value).name
+    except TypeError:
+        raise ValueError(
+            f"{method} {field}={value!r} is not a dtype; use a name such as 'float32', 'bfloat16' or 'float16', "
+            "or a jnp dtype"
+        ) from None
 
 
 def check_adapter_name(method: str, adapter: Any) -> None:
@@ -155,11 +171,21 @@ class LoRA:
         if self.init not in INITS:
             raise ValueError(f"LoRA init must be one of {INITS}, got {self.init!r}")
         object.__setattr__(self, "targets", freeze_selector(self.targets))
-        object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
+        object.__setattr__(self, "param_dtype", dtype_name("LoRA", self.param_dtype))
         rank_pattern = _freeze_pattern("LoRA", "rank_pattern", self.rank_pattern, _is_rank, "a positive int")
         alpha_pattern = _freeze_pattern("LoRA", "alpha_pattern", self.alpha_pattern, _is_alpha, "a finite number")
         object.__setattr__(self, "rank_pattern", rank_pattern)
         object.__setattr__(self, "alpha_pattern", alpha_pattern)
+        zero = [f"alpha={self.alpha!r}"] if self.alpha == 0 else []
+        zero += [f"alpha_pattern[{k!r}]={v!r}" for k, v in alpha_pattern if v == 0]
+        if zero:
+            # Legal, but the scale alpha / rank is then 0: the update and every LoRA gradient are zero.
+            warnings.warn(
+                f"LoRA {', '.join(zero)}: the scale alpha / rank is 0, so the adapter's update and the gradients "
+                "of lora_a / lora_b are always zero (nothing trains); did you mean alpha=rank?",
+                UserWarning,
+                stacklevel=3,
+            )
 
     @property
     def updates_base(self) -> bool:
