@@ -459,14 +459,25 @@ def adapter_names(model: nnx.Module) -> tuple[str, ...]:
     return tuple(dict.fromkeys(adapter_of(m) for m in methods))
 
 
+def _require_nnx(model: Any, what: str) -> None:
+    # A Linen PeftLinen is immutable: a context manager on it would change nothing (the adapter would run).
+    if not isinstance(model, nnx.Module):
+        raise TypeError(
+            f"jp.{what} works on NNX models; got {type(model).__name__}. A Linen PeftLinen chooses its adapters "
+            "per call: peft_model.apply(params, x, adapters=False) (or adapters='name', adapter_ids=...)"
+        )
+
+
 def use_adapters(model: nnx.Module, adapters: Adapters) -> contextlib.AbstractContextManager:
     """Within the block, only ``adapters`` run (True: all, False: none, a name or a list of names)."""
+    _require_nnx(model, "use_adapters")
     active = resolve(adapters, adapter_names(model))
     return _setting(model, active_adapters=active)
 
 
 def adapters_disabled(model: nnx.Module) -> contextlib.AbstractContextManager:
     """Within the block, every ``PeftLayer`` of ``model`` runs its base layer alone."""
+    _require_nnx(model, "adapters_disabled")
     return use_adapters(model, False)
 
 
@@ -475,6 +486,7 @@ def mixed_adapters(model: nnx.Module, adapters: Adapters, adapter_ids: jax.Array
 
     Usable inside ``nnx.jit`` (enter it in the jitted function, with ``adapter_ids`` an argument).
     """
+    _require_nnx(model, "mixed_adapters")
     names = check_mixed(adapters, adapter_ids, adapter_names(model))
     return _setting(model, mixed_adapters=names, adapter_ids=adapter_ids)
 
