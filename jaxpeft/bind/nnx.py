@@ -429,6 +429,7 @@ def quantize_nnx(model: nnx.Module, **kwargs: Any) -> nnx.Module:
 
 def peft_layers(model: nnx.Module) -> Iterator[tuple[tuple, PeftLayer]]:
     """``(graph path, layer)`` for every ``PeftLayer`` in ``model``."""
+    _require_nnx(model, "peft_layers")
     for path, node in nnx.iter_graph(model):
         if isinstance(node, PeftLayer):
             yield tuple(path), node
