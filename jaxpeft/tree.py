@@ -97,6 +97,8 @@ def leaves_with_paths(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -
       tree: any pytree (Linen params, NNX ``State``, nested dicts/lists/tuples).
       is_leaf: extra leaf predicate, e.g. to keep a quantized weight whole.
     """
+    if is_leaf is not None and not callable(is_leaf):
+        raise TypeError(f"is_leaf must be a function (leaf) -> bool or None, got {type(is_leaf).__name__}: {is_leaf!r}")
 
     def leaf(x):
         return _default_is_leaf(x) or (is_leaf is not None and is_leaf(x))
@@ -389,6 +391,7 @@ def summary(
       trainable: a selector for the trainable leaves (e.g. ``peft.trainable``).
       depth: how many leading path components name a group (0: one row per leaf).
     """
+    check_selector(trainable, "summary trainable")
     groups: dict[str, list[int]] = {}
     for p, x in leaves_with_paths(tree, is_leaf):
         if x is None:
