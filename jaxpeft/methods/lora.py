@@ -47,6 +47,18 @@ def freeze_selector(selector: Selector, what: str = "targets") -> Selector:
     return selector
 
 
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside jaxpeft (and dataclass-made ``__init__``): the user's line."""
+    import os
+    import sys
+
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename.startswith(package) or frame.f_code.co_filename == "<string>"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def dtype_name(method: str, value: Any, field: str = "param_dtype") -> str:
     """``value`` as a dtype name (``"bfloat16"``), or a ValueError naming the field and the value."""
     try:
@@ -184,7 +196,7 @@ class LoRA:
                 f"LoRA {', '.join(zero)}: the scale alpha / rank is 0, so the adapter's update and the gradients "
                 "of lora_a / lora_b are always zero (nothing trains); did you mean alpha=rank?",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=_caller_level(),
             )
 
     @property
@@ -402,6 +414,14 @@ def pissa_to_lora(
     Returns:
       ``(A': [*in_shape, 2r], B': [2r, *out_shape])``.
     """
+    shapes = {k: tuple(jnp.shape(v)) for k, v in
+              dict(lora_a=lora_a, lora_b=lora_b, initial_a=initial_a, initial_b=initial_b).items()}
+    if shapes["lora_a"] != shapes["initial_a"] or shapes["lora_b"] != shapes["initial_b"] or (
+        not shapes["lora_a"] or not shapes["lora_b"] or shapes["lora_a"][-1] != shapes["lora_b"][0]
+    ):
+        raise ValueError(
+            f"pissa_to_lora: lora_a [*in, r] / lora_b [r, *out] and the initial factors must agree; got {shapes}"
+        )
     return jnp.concatenate([lora_a, initial_a], axis=-1), jnp.concatenate([lora_b, -initial_b], axis=0)
 
 
