@@ -249,6 +249,9 @@ def make_eval_step(metric_fn: Callable[[Any, Any, Any], Any], *, jit: bool = Tru
       gives none.
     """
 
+    if not callable(metric_fn):
+        raise TypeError(f"make_eval_step: metric_fn must be callable, got {type(metric_fn).__name__}")
+
     def eval_step(trainable, frozen, batch):
         out = metric_fn(trainable, frozen, batch)
         if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], Mapping):
