@@ -335,6 +335,13 @@ def test_lora_delta_matches_numpy_einsum(equation, x_shape, kernel_shape):
         np.testing.assert_allclose(fn(a, b, site, x, 0.5), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_site_rejects_batch_like_kernel_axes():
-    with pytest.raises(ValueError, match="batch-like"):
-        jp.Site("attn/out", "Einsum", "bnth,nhd->bntd", (2, 4, 8))
+def test_site_reads_shared_kernel_axes():
+    # n is in the input, the kernel and the output: one adapter per head (tests/test_sites.py checks the math).
+    site = jp.Site("attn/out", "Einsum", "bnth,nhd->bntd", (2, 4, 8))
+    assert (site.shared_labels, site.in_labels, site.out_labels) == ("n", "h", "d")
+    assert site.a_shape(3) == (2, 4, 3) and site.b_shape(3) == (2, 3, 8)
+
+
+def test_site_rejects_kernel_axes_summed_away():
+    with pytest.raises(ValueError, match="neither the input nor the output"):
+        jp.Site("odd", "Einsum", "bti,ikz->btk", (4, 3, 2))

@@ -35,7 +35,8 @@ from jaxpeft.bind.plan import (
     shared_key,
     with_shared,
 )
-from jaxpeft.bind.quantized import dequantized_kernel, is_quantized
+from jaxpeft.bind import quantized
+from jaxpeft.bind.quantized import is_quantized
 from jaxpeft.bind.select import Adapters, adapter_of, check_mixed, mixed_call, resolve
 from jaxpeft.methods.site import Site, dense_general_equation
 from jaxpeft.transform import Transform, methods_of
@@ -80,10 +81,7 @@ def _call_base(module: nn.Module, next_fun, call_args: tuple, call_kwargs: dict)
     kernel = module.get_variable("params", "kernel") if module.has_variable("params", "kernel") else None
     if not is_quantized(kernel):
         return next_fun(*call_args, **call_kwargs)
-    own = dict(module.variables["params"])
-    own["kernel"] = dequantized_kernel(kernel, getattr(module, "dtype", None))
-    # The same layer, unbound, applied to explicit params: Flax's own math on the float kernel.
-    return module.clone(parent=None).apply({"params": own}, *call_args, **call_kwargs)
+    return quantized.linen_call(module, call_args, call_kwargs)
 
 
 def discover(model: nn.Module, params: Any, *args: Any, **kwargs: Any) -> tuple[Layer, ...]:

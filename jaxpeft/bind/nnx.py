@@ -30,7 +30,8 @@ from flax import nnx
 
 from jaxpeft.bind import model as model_level
 from jaxpeft.bind.plan import SHARED, Layer, Placement, model_methods, outermost_last, plan, shared_key, with_shared
-from jaxpeft.bind.quantized import dequantized_kernel, is_quantized
+from jaxpeft.bind import quantized
+from jaxpeft.bind.quantized import is_quantized
 from jaxpeft.bind.select import Adapters, adapter_of, check_mixed, mixed_call, resolve
 from jaxpeft.methods.site import Site, dense_general_equation
 from jaxpeft.transform import Transform
@@ -158,11 +159,7 @@ class PeftLayer(nnx.Module):
         kernel = self.base_layer.kernel.get_value()
         if not is_quantized(kernel):
             return self.base_layer(x, *args, **kwargs)
-        # A view of the base layer (same Variables) whose kernel is a new, dequantized Variable:
-        # Flax's own math on the float kernel; the shared Variables are never written.
-        layer = nnx.merge(*nnx.split(self.base_layer))
-        layer.kernel = nnx.Param(dequantized_kernel(kernel, getattr(layer, "dtype", None)))
-        return layer(x, *args, **kwargs)
+        return quantized.nnx_call(self.base_layer, x, *args, **kwargs)
 
     def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
         fn = lambda x: self._base(x, *args, **kwargs)  # noqa: E731

@@ -32,8 +32,9 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from jaxpeft.methods.lora import check_adapter_name, freeze_selector, selector_config
-from jaxpeft.methods.site import Site, parse_equation
+from jaxpeft.methods.common import axis_of_labels, check_adapter_name, freeze_selector
+from jaxpeft.methods.protocol import PeftMethod, check_no_shared, init_per_layer
+from jaxpeft.methods.site import Site
 from jaxpeft.tree import Selector
 
 HOULSBY_TARGETS = r"(attn/out|mlp/down)$"
@@ -131,12 +132,7 @@ def adapter_forward(
 
 def output_axes(site: Site, ndim: int) -> dict[str, int]:
     """The axis of a layer output (``ndim`` axes) that each label of the site's output writes."""
-    _, _, out = parse_equation(site.equation)
-    before, _, after = out.partition("...")  # no ellipsis: (out, "", "")
-    n_ellipsis = ndim - len(before) - len(after)
-    axes = {c: i for i, c in enumerate(before)}
-    axes.update({c: len(before) + n_ellipsis + i for i, c in enumerate(after)})
-    return axes
+    return axis_of_labels(site.output_layout, ndim)
 
 
 def not_mergeable(method: str) -> ValueError:
@@ -148,8 +144,11 @@ def not_mergeable(method: str) -> ValueError:
 
 
 @dataclasses.dataclass(frozen=True)
-class BottleneckAdapter:
+class BottleneckAdapter(PeftMethod):
     """A bottleneck adapter configuration and its pure per-site functions.
+
+    Sites: linear and conv (a conv's adapter is a per-pixel MLP over its output channels), one layer
+    or a stack of layers; per-head / per-expert shared axes are refused.
 
     Attributes:
       bottleneck: the bottleneck size ``m`` (give this or ``reduction_factor``).
@@ -177,6 +176,9 @@ class BottleneckAdapter:
     adapter: str = "default"
 
     name: ClassVar[str] = "bottleneck"
+    site_kinds: ClassVar[frozenset[str]] = frozenset({"linear", "conv"})
+    merges: ClassVar[bool] = False
+    unmerges: ClassVar[bool] = False
 
     def __post_init__(self):
         check_size("BottleneckAdapter", self.bottleneck, self.reduction_factor)
@@ -193,13 +195,10 @@ class BottleneckAdapter:
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
 
     @property
-    def param_names(self) -> tuple[str, ...]:
+    def leaves(self) -> tuple[str, ...]:
         """``(down, up)``, then ``(down_bias, up_bias)`` with ``use_bias``."""
-        suffix = "" if self.adapter == "default" else f"@{self.adapter}"
         names = ("bottleneck_down", "bottleneck_up")
-        if self.use_bias:
-            names += ("bottleneck_down_bias", "bottleneck_up_bias")
-        return tuple(n + suffix for n in names)
+        return names + ("bottleneck_down_bias", "bottleneck_up_bias") if self.use_bias else names
 
     @property
     def param_axes(self) -> dict[str, tuple[Any, ...]]:
@@ -207,35 +206,17 @@ class BottleneckAdapter:
         axes = (("out", "rank"), ("rank", "out"), ("rank",), ("out",))
         return dict(zip(self.param_names, axes))
 
-    @property
-    def trainable(self) -> Selector:
-        """Selector of this adapter's leaves in a parameter tree."""
-        names = "|".join(re.escape(n) for n in self.param_names)
-        return rf"(^|/)({names})$"
-
     def bottleneck_at(self, site: Site) -> int:
         """The bottleneck size ``m`` at ``site``."""
         return bottleneck_size("BottleneckAdapter", self.bottleneck, self.reduction_factor, site)
 
-    def config(self) -> dict[str, Any]:
-        """A JSON-serialisable description (saved with adapter checkpoints)."""
-        return {
-            "method": self.name,
-            "bottleneck": self.bottleneck,
-            "reduction_factor": self.reduction_factor,
-            "activation": self.activation,
-            "targets": selector_config(self.targets),
-            "use_bias": self.use_bias,
-            "scale": self.scale,
-            "init": self.init,
-            "param_dtype": self.param_dtype,
-            "adapter": self.adapter,
-        }
-
     def check_site(self, site: Site) -> None:
         """Raise before any work if the adapter cannot sit at ``site`` (a reduction factor leaving m < 1)."""
+        super().check_site(site)
+        check_no_shared(self, site)
         self.bottleneck_at(site)
 
+    @init_per_layer
     def init_site(self, key: jax.Array, site: Site, base: Mapping[str, Any] | None = None) -> dict[str, jax.Array]:
         """``down: [*out_shape, m]``, ``up: [m, *out_shape]`` (zero), biases ``[m]``, ``[*out_shape]`` (zero).
 

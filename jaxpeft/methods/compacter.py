@@ -45,17 +45,13 @@ from jaxpeft.methods.bottleneck import (
     check_size,
     not_mergeable,
 )
-from jaxpeft.methods.lora import check_adapter_name, freeze_selector, selector_config
+from jaxpeft.methods.common import SHARED, check_adapter_name, freeze_selector, leaf_selector
+from jaxpeft.methods.common import check_positive_int as _positive_int
+from jaxpeft.methods.protocol import PeftMethod, check_no_shared, init_per_layer
 from jaxpeft.methods.site import Site
 from jaxpeft.tree import Selector
 
-SHARED = "peft_shared"  # where the bindings keep shared leaves (jaxpeft.bind.plan.SHARED; no flax import here)
 COMPACTER_PP_TARGETS = PFEIFFER_TARGETS
-
-
-def _positive_int(method: str, name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{method} {name} must be a positive int, got {value!r}")
 
 
 def phm_weight(phm_rule: jax.Array, left: jax.Array, right: jax.Array) -> jax.Array:
@@ -75,7 +71,7 @@ def phm_weight(phm_rule: jax.Array, left: jax.Array, right: jax.Array) -> jax.Ar
 
 
 @dataclasses.dataclass(frozen=True)
-class Compacter:
+class Compacter(PeftMethod):
     """Compacter configuration and its pure per-site functions.
 
     Attributes:
@@ -110,6 +106,9 @@ class Compacter:
     adapter: str = "default"
 
     name: ClassVar[str] = "compacter"
+    site_kinds: ClassVar[frozenset[str]] = frozenset({"linear", "conv"})
+    merges: ClassVar[bool] = False
+    unmerges: ClassVar[bool] = False
     shared_names: ClassVar[tuple[str, ...]] = ("phm_rule",)
 
     def __post_init__(self):
@@ -125,18 +124,10 @@ class Compacter:
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
 
     @property
-    def param_names(self) -> tuple[str, ...]:
+    def leaves(self) -> tuple[str, ...]:
         """Per-site leaves: down ``s``, ``t^T``, up ``s``, ``t^T``, then the two biases with ``use_bias``."""
-        suffix = "" if self.adapter == "default" else f"@{self.adapter}"
         names = ("compacter_down_left", "compacter_down_right", "compacter_up_left", "compacter_up_right")
-        if self.use_bias:
-            names += ("compacter_down_bias", "compacter_up_bias")
-        return tuple(n + suffix for n in names)
-
-    @property
-    def shared_key(self) -> str:
-        """The shared leaves' group under ``peft_shared``: ``"compacter@<adapter>"``."""
-        return f"{self.name}@{self.adapter}"
+        return names + ("compacter_down_bias", "compacter_up_bias") if self.use_bias else names
 
     @property
     def param_axes(self) -> dict[str, tuple[Any, ...]]:
@@ -152,31 +143,16 @@ class Compacter:
         one shared Variable at the first path NNX's traversal reaches it by, which is a ``PeftLayer``'s
         reference, ``<layer path>/shared/compacter@<adapter>/phm_rule``; the selector matches both.
         """
-        names = "|".join(re.escape(n) for n in self.param_names)
-        return rf"(^|/)({names})$|(^|/)({SHARED}|shared)/{re.escape(self.shared_key)}/"
+        return rf"{leaf_selector(self.param_names)}|(^|/)({SHARED}|shared)/{re.escape(self.shared_key)}/"
 
     def bottleneck_at(self, site: Site) -> int:
         """The bottleneck size ``m`` at ``site``."""
         return bottleneck_size("Compacter", self.bottleneck, self.reduction_factor, site)
 
-    def config(self) -> dict[str, Any]:
-        """A JSON-serialisable description (saved with adapter checkpoints)."""
-        return {
-            "method": self.name,
-            "phm_dim": self.phm_dim,
-            "phm_rank": self.phm_rank,
-            "bottleneck": self.bottleneck,
-            "reduction_factor": self.reduction_factor,
-            "activation": self.activation,
-            "targets": selector_config(self.targets),
-            "use_bias": self.use_bias,
-            "scale": self.scale,
-            "param_dtype": self.param_dtype,
-            "adapter": self.adapter,
-        }
-
     def check_site(self, site: Site) -> None:
         """Raise before any work unless ``phm_dim`` divides ``d`` and ``m`` and ``phm_rank <= min(d, m) / n``."""
+        super().check_site(site)
+        check_no_shared(self, site)
         d, m, n = site.out_features, self.bottleneck_at(site), self.phm_dim
         where = (
             f"at {site.path!r} (kernel {site.kernel_shape}, {site.layer_type}: d = {d} output features, "
@@ -197,6 +173,7 @@ class Compacter:
         n = self.phm_dim
         return {"phm_rule": jax.random.normal(key, (n, n, n), jnp.dtype(self.param_dtype)) / math.sqrt(n)}
 
+    @init_per_layer
     def init_site(self, key: jax.Array, site: Site, base: Mapping[str, Any] | None = None) -> dict[str, jax.Array]:
         """The fast weights: down ``s: [n, d/n, r]``, ``t^T: [n, r, m/n]``; up ``s: [n, m/n, r]``, ``t^T = 0``.
 

@@ -41,19 +41,10 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from jaxpeft.methods.ia3 import bias_labels, broadcast_along
-from jaxpeft.methods.lora import (
-    freeze_selector,
-    _is_alpha,
-    _is_rank,
-    check_adapter_name,
-    leaf_names,
-    leaf_selector,
-    lora_delta,
-    lora_product,
-    selector_config,
-)
-from jaxpeft.methods.site import Site, float_kernel, parse_equation
+from jaxpeft.methods.common import broadcast_along, check_adapter_name, check_dropout, freeze_selector, is_alpha, is_rank
+from jaxpeft.methods.lora import lora_delta, lora_product
+from jaxpeft.methods.protocol import PeftMethod
+from jaxpeft.methods.site import Site, float_kernel
 from jaxpeft.tree import Selector
 
 INITS = ("kaiming_uniform", "gaussian")
@@ -75,28 +66,33 @@ def column_norm(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale: 
     """``||W + s A B||_c`` per output column, without building ``A B`` (DoRA eq. 5's denominator).
 
     Args:
-      kernel: ``[*in_shape, *out_shape]``.
-      lora_a: ``[*in_shape, r]``.
-      lora_b: ``[r, *out_shape]``.
+      kernel: the site's kernel, in its own layout.
+      lora_a: ``[*shared, *in_shape, r]``.
+      lora_b: ``[*shared, r, *out_shape]``.
       scale: ``s``.
-      site: the layer.
+      site: the layer (one norm per output column of every shared slice).
     Returns:
-      ``[*out_shape]`` in float32.
+      ``[*shared, *out_shape]`` in float32.
     """
     d_in, d_out = site.in_features, site.out_features
-    w = kernel.astype(jnp.float32).reshape(d_in, d_out)
-    a = lora_a.astype(jnp.float32).reshape(d_in, -1)
-    b = lora_b.astype(jnp.float32).reshape(-1, d_out)
-    squared = jnp.sum(w * w, axis=0)
-    cross = jnp.sum(jnp.matmul(a.T, w, precision=_HIGHEST) * b, axis=0)  # (A^T W)_j . B_j
-    gram = jnp.matmul(a.T, a, precision=_HIGHEST)  # [r, r]
-    quad = jnp.sum(b * jnp.matmul(gram, b, precision=_HIGHEST), axis=0)  # B_j^T (A^T A) B_j
-    return _safe_sqrt(squared + 2.0 * scale * cross + scale**2 * quad).reshape(site.out_shape)
+    lead = site.shared_shape
+    w = site.to_matrix(kernel.astype(jnp.float32))  # [*shared, d_in, d_out]
+    a = lora_a.astype(jnp.float32).reshape(*lead, d_in, -1)
+    b = lora_b.astype(jnp.float32).reshape(*lead, -1, d_out)
+    a_t = jnp.swapaxes(a, -1, -2)
+    squared = jnp.sum(w * w, axis=-2)
+    cross = jnp.sum(jnp.matmul(a_t, w, precision=_HIGHEST) * b, axis=-2)  # (A^T W)_j . B_j
+    gram = jnp.matmul(a_t, a, precision=_HIGHEST)  # [*shared, r, r]
+    quad = jnp.sum(b * jnp.matmul(gram, b, precision=_HIGHEST), axis=-2)  # B_j^T (A^T A) B_j
+    return _safe_sqrt(squared + 2.0 * scale * cross + scale**2 * quad).reshape(*lead, *site.out_shape)
 
 
 @dataclasses.dataclass(frozen=True)
-class DoRA:
+class DoRA(PeftMethod):
     """DoRA configuration and its pure per-site functions.
+
+    Sites: linear (any einsum layout, one magnitude per output column of each shared slice) and
+    conv (the column norm is over the window and the input channels, as HF PEFT's conv DoRA).
 
     Attributes:
       rank: the rank ``r`` of the direction update; ``1 <= r <= min(d_in, d_out)`` at every target.
@@ -124,14 +120,16 @@ class DoRA:
     detach_norm: bool = True
 
     name: ClassVar[str] = "dora"
+    leaves: ClassVar[tuple[str, ...]] = ("lora_a", "lora_b", "dora_magnitude")
+    site_kinds: ClassVar[frozenset[str]] = frozenset({"linear", "conv"})
+    unmerges: ClassVar[bool] = False
 
     def __post_init__(self):
-        if not _is_rank(self.rank):
+        if not is_rank(self.rank):
             raise ValueError(f"DoRA rank must be a positive int, got {self.rank!r}")
-        if not _is_alpha(self.alpha):
+        if not is_alpha(self.alpha):
             raise ValueError(f"DoRA alpha must be a finite number, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"DoRA dropout must be in [0, 1), got {self.dropout!r}")
+        check_dropout("DoRA", self.dropout)
         if self.init not in INITS:
             raise ValueError(f"DoRA init must be one of {INITS}, got {self.init!r}")
         if not isinstance(self.detach_norm, bool):
@@ -146,15 +144,6 @@ class DoRA:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
     @property
-    def param_names(self) -> tuple[str, str, str]:
-        """``(A, B, magnitude)``: ``lora_a``, ``lora_b``, ``dora_magnitude`` (suffixed ``@adapter``)."""
-        return leaf_names(self.adapter, "lora_a", "lora_b", "dora_magnitude")
-
-    @property
-    def trainable(self) -> Selector:
-        return leaf_selector(self.param_names)
-
-    @property
     def param_axes(self) -> Mapping[str, tuple[Any, ...]]:
         """Sharding: A follows the kernel's input axes, B and the magnitude its output axes."""
         a, b, m = self.param_names
@@ -163,21 +152,13 @@ class DoRA:
     def _leaves(self, params: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
         return tuple(params[n] for n in self.param_names)
 
-    def config(self) -> dict[str, Any]:
-        return {
-            "method": self.name,
-            "rank": self.rank,
-            "alpha": self.alpha,
-            "targets": selector_config(self.targets),
-            "rslora": self.rslora,
-            "dropout": self.dropout,
-            "init": self.init,
-            "param_dtype": self.param_dtype,
-            "adapter": self.adapter,
-            "detach_norm": self.detach_norm,
-        }
-
     def check_site(self, site: Site) -> None:
+        super().check_site(site)
+        if site.kind == "conv" and site.feature_group_count != 1:
+            raise ValueError(
+                f"DoRA at {site.path!r} ({site.layer_type}): grouped convolutions (feature_group_count="
+                f"{site.feature_group_count}) are not supported; leave this layer out of targets"
+            )
         limit = min(site.in_features, site.out_features)
         if self.rank > limit:
             raise ValueError(
@@ -190,13 +171,13 @@ class DoRA:
         if base is None or "kernel" not in base:
             raise ValueError(f"DoRA at {site.path!r} needs the layer's kernel to initialise the magnitude")
         dtype = jnp.dtype(self.param_dtype)
-        a_shape = (*site.in_shape, self.rank)
+        a_shape = site.a_shape(self.rank)
         if self.init == "kaiming_uniform":
             bound = 1.0 / math.sqrt(site.in_features)
             lora_a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
         else:
             lora_a = jax.random.normal(key, a_shape, dtype) / self.rank
-        lora_b = jnp.zeros((self.rank, *site.out_shape), dtype)
+        lora_b = jnp.zeros(site.b_shape(self.rank), dtype)
         # The same function the forward uses, so m / ||W + s A B||_c is exactly 1 at init.
         magnitude = column_norm(float_kernel(base, jnp.float32), lora_a, lora_b, self.scale, site).astype(dtype)
         return dict(zip(self.param_names, (lora_a, lora_b, magnitude)))
@@ -215,7 +196,7 @@ class DoRA:
         """``base(x) + (m / n - 1) (x W) + (m / n) s dropout(x) A B`` with ``n = ||W + s A B||_c``.
 
         Args:
-          params: A ``[*in_shape, r]``, B ``[r, *out_shape]``, magnitude ``[*out_shape]``.
+          params: A ``[*shared, *in_shape, r]``, B ``[*shared, r, *out_shape]``, magnitude ``[*shared, *out_shape]``.
           x: the layer input.
           base_fn: the base layer (``x W + b``). DoRA reads ``W`` and ``b`` from ``base``, so it
             must be the first method at its site, or follow methods that leave ``x W + b`` as it is.
@@ -225,14 +206,16 @@ class DoRA:
             raise ValueError(f"DoRA at {site.path!r} needs the layer's kernel (apply_site(..., base=...))")
         lora_a, lora_b, magnitude = self._leaves(params)
         y = base_fn(x)
-        _, _, out = parse_equation(site.equation)
+        out = site.output_layout
         norm = column_norm(float_kernel(base, jnp.float32), lora_a, lora_b, self.scale, site)
         if self.detach_norm:
             norm = jax.lax.stop_gradient(norm)  # DoRA sec. 4.3: the norm is a constant in the backward pass
-        ratio = broadcast_along(_safe_ratio(magnitude.astype(jnp.float32), norm), site.out_labels, out, y.ndim)
+        labels = site.shared_labels + site.out_labels
+        ratio = broadcast_along(_safe_ratio(magnitude.astype(jnp.float32), norm), labels, out, y.ndim)
         xw = y.astype(jnp.float32)
-        if base.get("bias") is not None:
-            xw = xw - broadcast_along(base["bias"].astype(jnp.float32), bias_labels(site), out, y.ndim)
+        bias = base.get("bias")
+        if bias is not None:
+            xw = xw - broadcast_along(bias.astype(jnp.float32), site.bias_labels(bias.ndim), out, y.ndim)
         delta = lora_delta(lora_a, lora_b, site, x, self.scale, self.dropout, rng).astype(jnp.float32)
         # DoRA eq. 5 with y = xW + b: (m/n)(xW + s xAB) + b = y + (m/n - 1) xW + (m/n) s xAB.
         return (y.astype(jnp.float32) + (ratio - 1.0) * xw + ratio * delta).astype(y.dtype)
@@ -242,12 +225,17 @@ class DoRA:
         lora_a, lora_b, magnitude = self._leaves(params)
         kernel = float_kernel(base)
         direction = kernel.astype(jnp.float32) + self.scale * lora_product(
-            lora_a.astype(jnp.float32), lora_b.astype(jnp.float32)
+            lora_a.astype(jnp.float32), lora_b.astype(jnp.float32), site
         )
-        in_axes = tuple(range(kernel.ndim - magnitude.ndim))
-        norm = _safe_sqrt(jnp.sum(direction * direction, axis=in_axes))
-        merged = direction * _safe_ratio(magnitude.astype(jnp.float32), norm)
-        return {**base, "kernel": merged.astype(kernel.dtype)}
+        if site is None:  # a kernel [*in, *out]: the magnitude has the output axes
+            in_axes = tuple(range(kernel.ndim - magnitude.ndim))
+            norm = _safe_sqrt(jnp.sum(direction * direction, axis=in_axes))
+            merged = direction * _safe_ratio(magnitude.astype(jnp.float32), norm)
+            return {**base, "kernel": merged.astype(kernel.dtype)}
+        matrix = site.to_matrix(direction)  # [*shared, d_in, d_out]
+        norm = _safe_sqrt(jnp.sum(matrix * matrix, axis=-2))
+        ratio = _safe_ratio(magnitude.astype(jnp.float32).reshape(norm.shape), norm)
+        return {**base, "kernel": site.from_matrix(matrix * ratio[..., None, :]).astype(kernel.dtype)}
 
     def unmerge_site(self, params: Mapping[str, jax.Array], base: Mapping[str, Any], site: Site | None = None) -> dict:
         """Always raises: a DoRA merge cannot be undone from the merged kernel and the adapter.

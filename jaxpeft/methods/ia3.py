@@ -30,43 +30,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpeft.methods.lora import freeze_selector, check_adapter_name, leaf_names, leaf_selector, selector_config
-from jaxpeft.methods.site import Site, float_kernel, parse_equation
+from jaxpeft.methods.common import broadcast_along, check_adapter_name, freeze_selector
+from jaxpeft.methods.protocol import PeftMethod
+from jaxpeft.methods.site import Site, float_kernel
 from jaxpeft.tree import Selector
 
 IA3_TARGETS = r"attn/(key|value)$|mlp/down$"
 IA3_FEEDFORWARD = r"mlp/down$"
 
 
-def broadcast_along(vector: jax.Array, vector_labels: str, layout: str, ndim: int) -> jax.Array:
-    """``vector`` reshaped to broadcast against an array whose einsum labels are ``layout``.
-
-    Args:
-      vector: shaped by ``vector_labels`` (e.g. a kernel's output axes ``"hd"``).
-      vector_labels: one einsum label per axis of ``vector``; each must occur in ``layout``.
-      layout: the target array's labels, possibly with ``"..."`` (``"...hd"``, ``"bnth"``).
-      ndim: the target array's rank (to size the ``"..."``).
-    Returns:
-      ``vector`` transposed to ``layout``'s order, with size-1 axes everywhere else.
-    """
-    head, _, tail = layout.partition("...")
-    if "..." in layout:
-        labels = list(head) + [None] * (ndim - len(head) - len(tail)) + list(tail)
-    else:
-        labels = list(layout)
-    order = "".join(c for c in labels if c is not None and c in vector_labels)
-    if sorted(order) != sorted(vector_labels):
-        raise ValueError(f"labels {vector_labels!r} are not all in the layout {layout!r}")
-    if order != vector_labels:
-        vector = jnp.einsum(f"{vector_labels}->{order}", vector)
-    shape = [vector.shape[order.index(c)] if c is not None and c in order else 1 for c in labels]
-    return vector.reshape(shape)
-
-
 def bias_labels(site: Site) -> str:
     """The bias's axes as einsum labels: the kernel's output axes in the *output's* order (Flax's layout)."""
-    _, _, out = parse_equation(site.equation)
-    return "".join(c for c in out if c in site.out_labels)
+    return site.bias_labels()
 
 
 def _check_feedforward(feedforward: Any) -> Any:
@@ -99,8 +74,12 @@ def _check_nonzero(scale: jax.Array, where: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class IA3:
+class IA3(PeftMethod):
     """(IA)^3 configuration and its pure per-site functions.
+
+    Sites: linear (any einsum layout; a shared axis gets a vector per slice) and conv (the output
+    channels, or at ``feedforward`` sites the input channels, are scaled; a grouped conv scales its
+    output only).
 
     Attributes:
       targets: selector over module paths (``IA3_TARGETS``: keys, values and the MLP down projection).
@@ -116,21 +95,15 @@ class IA3:
     adapter: str = "default"
 
     name: ClassVar[str] = "ia3"
+    leaves: ClassVar[tuple[str, ...]] = ("ia3_scale",)
+    selector_fields: ClassVar[tuple[str, ...]] = ("targets", "feedforward")
+    site_kinds: ClassVar[frozenset[str]] = frozenset({"linear", "conv"})
 
     def __post_init__(self):
         check_adapter_name("IA3", self.adapter)
         object.__setattr__(self, "targets", freeze_selector(self.targets))
         object.__setattr__(self, "feedforward", _check_feedforward(self.feedforward))
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
-
-    @property
-    def param_names(self) -> tuple[str]:
-        """The leaf this adapter adds at each site: the scaling vector."""
-        return leaf_names(self.adapter, "ia3_scale")
-
-    @property
-    def trainable(self) -> Selector:
-        return leaf_selector(self.param_names)
 
     @property
     def param_axes(self) -> Mapping[str, tuple[Any, ...]] | None:
@@ -148,34 +121,29 @@ class IA3:
         """Whether ``site`` scales its input (an MLP down projection) rather than its output."""
         return _is_feedforward(self.feedforward, site.path)
 
-    def config(self) -> dict[str, Any]:
-        feedforward = self.feedforward
-        if isinstance(feedforward, re.Pattern):
-            feedforward = feedforward.pattern
-        elif isinstance(feedforward, tuple):
-            feedforward = [f.pattern if isinstance(f, re.Pattern) else f for f in feedforward]
-        return {
-            "method": self.name,
-            "targets": selector_config(self.targets),
-            "feedforward": feedforward,
-            "param_dtype": self.param_dtype,
-            "adapter": self.adapter,
-        }
-
     def check_site(self, site: Site) -> None:
-        """Every linear site works: the vector takes the kernel's output (or input) axes."""
+        """Linear and conv sites: the vector takes the kernel's output (or input) axes."""
+        super().check_site(site)
+        if site.kind == "conv" and site.feature_group_count != 1 and self.is_feedforward(site):
+            raise ValueError(
+                f"IA3 feedforward at {site.path!r} ({site.layer_type}): a grouped convolution (feature_group_count="
+                f"{site.feature_group_count}) cannot fold an input scale into its kernel; scale its output instead"
+            )
 
     def init_site(self, key: jax.Array, site: Site, base: Mapping[str, Any] | None = None) -> dict[str, jax.Array]:
-        """``{ia3_scale: ones}`` (identity): ``[*in_shape, 1, ..., 1]`` at feedforward sites, else ``[*out_shape]``.
+        """``{ia3_scale: ones}`` (identity).
 
-        The feedforward vector has a 1 per output axis so that it broadcasts against the kernel
-        (HF PEFT stores it as ``[1, in_features]`` in torch's layout for the same reason); the
-        shapes differ in rank, which tells ``merge_site`` where the vector sits.
+        At feedforward sites the vector has the kernel's rank and layout, with a 1 at every axis that
+        ``x`` does not carry (output axes, a conv's window): ``[*in_shape, 1, ..., 1]`` for a Dense, so
+        it broadcasts against the kernel (HF PEFT stores it as ``[1, in_features]`` in torch's layout for
+        the same reason). Elsewhere it is ``[*shared, *out_shape]``. The ranks differ, which tells
+        ``merge_site`` where the vector sits.
         """
         if self.is_feedforward(site):
-            shape = (*site.in_shape, *([1] * len(site.out_shape)))
+            keep = set(site.shared_labels + site.x_labels)
+            shape = tuple(n if c in keep else 1 for c, n in zip(site.parts[1], site.kernel_shape))
         else:
-            shape = site.out_shape
+            shape = (*site.shared_shape, *site.out_shape)
         return {self.param_names[0]: jnp.ones(shape, self.param_dtype)}
 
     def apply_site(
@@ -197,13 +165,16 @@ class IA3:
           base_fn: the base layer's computation (or the previous method's).
         """
         (scale,) = (params[n] for n in self.param_names)
-        lhs, _, out = parse_equation(site.equation)
+        lhs, rhs, out = site.parts
         if self.is_feedforward(site):
             # IA3 eq. in sec. 3.3: (l_ff * gamma(W_1 x)) W_2, the vector on the down projection's input.
-            l_in = broadcast_along(scale.reshape(site.in_shape), site.in_labels, lhs, x.ndim)
+            keep = site.shared_labels + site.x_labels
+            labels = "".join(c for c in rhs if c in keep)
+            vector = scale.reshape([n for c, n in zip(rhs, scale.shape) if c in keep])
+            l_in = broadcast_along(vector, labels, lhs, x.ndim)
             return base_fn((x * l_in).astype(x.dtype))
         y = base_fn(x)
-        l_out = broadcast_along(scale, site.out_labels, out, y.ndim)
+        l_out = broadcast_along(scale, site.shared_labels + site.out_labels, out, y.ndim)
         return (y * l_out).astype(y.dtype)
 
     def merge_site(self, params: Mapping[str, jax.Array], base: Mapping[str, Any], site: Site | None = None) -> dict:
@@ -224,12 +195,23 @@ class IA3:
         # Both shapes broadcast against the kernel [*in_shape, *out_shape]: a feedforward vector is
         # [*in_shape, 1, ..., 1] (the kernel's rank), an output vector [*out_shape] (fewer axes).
         feedforward = scale.ndim == kernel.ndim
+        labels = site.shared_labels + site.out_labels if site is not None else ""
         out = dict(base)
-        out["kernel"] = fold(kernel.astype(jnp.float32), factor).astype(kernel.dtype)
+        kernel_factor = factor
+        if not feedforward and site is not None:
+            kernel_factor = broadcast_along(factor, labels, site.parts[1], kernel.ndim)
+        out["kernel"] = fold(kernel.astype(jnp.float32), kernel_factor).astype(kernel.dtype)
         bias = base.get("bias")
         if not feedforward and bias is not None:
             if site is not None:
-                factor = broadcast_along(factor, site.out_labels, bias_labels(site), bias.ndim)
+                bias_axes = site.bias_labels(bias.ndim)
+                missing = [c for c in labels if c not in bias_axes]
+                if missing:
+                    raise ValueError(
+                        f"IA3 merge at {site.path!r}: the bias {bias.shape} is shared along output axes {missing} that "
+                        "the scale varies along, so no bias gives (x W + b) * l; leave this layer out of targets"
+                    )
+                factor = broadcast_along(factor, labels, bias_axes, bias.ndim)
             elif bias.shape != factor.shape:
                 raise ValueError(f"IA3 merge: bias {bias.shape} and scale {factor.shape} differ; pass site=...")
             out["bias"] = fold(bias.astype(jnp.float32), factor).astype(bias.dtype)

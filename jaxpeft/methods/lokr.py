@@ -15,8 +15,10 @@ the model starts as the base. Scale: ``s = alpha / r`` with a low-rank W2, ``s =
 
 Training never builds ΔW: ``x`` (``[..., d_in]``) is viewed as ``[..., a, b]`` and contracted with
 W2 then W1 (``2 N (d_in d + a d c)`` FLOPs for ``N`` rows instead of ``2 N d_in d_out``).
-Merge adds ``s kron(W1, W2)`` to the kernel; unmerge subtracts it. Only 2-D kernels
-(``Dense`` / ``Linear``) are supported; other sites are refused at planning time.
+Merge adds ``s kron(W1, W2)`` to the kernel; unmerge subtracts it. Linear sites need one input
+and one output axis (plus any shared axes: one pair of factors per slice); a conv kernel is
+read as the matrix ``[window * in, out]`` and its update, built from the factors (it is the size
+of the kernel), runs as a convolution with the base window.
 
 References:
   Yeh et al., Navigating Text-To-Image Customization: From LyCORIS Fine-Tuning to Model
@@ -35,16 +37,9 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from jaxpeft.methods.lora import (
-    freeze_selector,
-    _is_alpha,
-    _is_rank,
-    check_adapter_name,
-    leaf_names,
-    leaf_selector,
-    selector_config,
-)
-from jaxpeft.methods.site import Site, float_kernel, fresh_label, parse_equation
+from jaxpeft.methods.common import check_adapter_name, freeze_selector, is_alpha, is_rank
+from jaxpeft.methods.protocol import PeftMethod
+from jaxpeft.methods.site import Site, float_kernel, fresh_labels
 from jaxpeft.tree import Selector
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -78,28 +73,29 @@ def kron_apply(x: jax.Array, w1: jax.Array, w2: jax.Array, site: Site) -> jax.Ar
 
     Args:
       x: the layer input; its input axis (``d_in = a b``) anywhere the equation puts it.
-      w1: ``[a, c]``.
-      w2: ``[b, d]``.
-      site: a layer with a 2-D kernel ``[d_in, d_out]``, ``d_out = c d``.
+      w1: ``[*shared, a, c]``.
+      w2: ``[*shared, b, d]``.
+      site: a linear layer with one input axis (``d_in = a b``) and one output axis (``d_out = c d``).
     Returns:
       the update's output, shaped like the base layer's output.
     """
-    lhs, _, out = parse_equation(site.equation)
-    (i,), (o,) = site.in_labels, site.out_labels
-    a, b = w1.shape[0], w2.shape[0]
-    p, q, u, v = _fresh(4, site.equation)
+    lhs, _, out = site.parts
+    (i,), (o,), shared = site.in_labels, site.out_labels, site.shared_labels
+    a, b = w1.shape[-2], w2.shape[-2]
+    p, q, u, v = fresh_labels(4, site.equation)
     # Split the input axis i -> (p, q) in x, and write the output axis o as (u, v).
     x = x.reshape(_split_shape(x.shape, lhs, i, (a, b)))
     lhs2, out2 = lhs.replace(i, p + q), out.replace(o, u + v)
-    y = jnp.einsum(f"{lhs2},{q}{v},{p}{u}->{out2}", x, w2, w1, precision=_HIGHEST)
+    y = jnp.einsum(f"{lhs2},{shared}{q}{v},{shared}{p}{u}->{out2}", x, w2, w1, precision=_HIGHEST)
     return y.reshape(_merge_shape(y.shape, out2, u))
 
 
-def _fresh(n: int, equation: str) -> str:
-    labels = ""
-    for _ in range(n):
-        labels += fresh_label(equation, labels)
-    return labels
+def batched_kron(w1: jax.Array, w2: jax.Array) -> jax.Array:
+    """``kron(W1, W2)`` of each slice: ``[*lead, a, c] x [*lead, b, d] -> [*lead, a b, c d]``."""
+    *lead, a, c = w1.shape
+    b, d = w2.shape[-2:]
+    product = jnp.einsum("...pu,...qv->...pquv", w1, w2, precision=_HIGHEST)
+    return product.reshape(*lead, a * b, c * d)
 
 
 def _axis(labels: str, label: str, ndim: int) -> int:
@@ -121,7 +117,7 @@ def _merge_shape(shape: tuple[int, ...], labels: str, first: str) -> tuple[int, 
 
 
 @dataclasses.dataclass(frozen=True)
-class LoKr:
+class LoKr(PeftMethod):
     """LoKr configuration and its pure per-site functions.
 
     Attributes:
@@ -142,15 +138,16 @@ class LoKr:
     adapter: str = "default"
 
     name: ClassVar[str] = "lokr"
+    site_kinds: ClassVar[frozenset[str]] = frozenset({"linear", "conv"})
 
     def __post_init__(self):
         if not isinstance(self.factor, int) or isinstance(self.factor, bool) or not (
             self.factor == -1 or self.factor >= 1
         ):
             raise ValueError(f"LoKr factor must be -1 (balanced) or a positive int, got {self.factor!r}")
-        if self.rank is not None and not _is_rank(self.rank):
+        if self.rank is not None and not is_rank(self.rank):
             raise ValueError(f"LoKr rank must be None (a full W2) or a positive int, got {self.rank!r}")
-        if not _is_alpha(self.alpha):
+        if not is_alpha(self.alpha):
             raise ValueError(f"LoKr alpha must be a finite number, got {self.alpha!r}")
         check_adapter_name("LoKr", self.adapter)
         object.__setattr__(self, "targets", freeze_selector(self.targets))
@@ -162,46 +159,36 @@ class LoKr:
         return self.alpha / self.rank if self.rank is not None else self.alpha
 
     @property
-    def param_names(self) -> tuple[str, ...]:
+    def leaves(self) -> tuple[str, ...]:
         """``(lokr_w1, lokr_w2)``, or ``(lokr_w1, lokr_w2_a, lokr_w2_b)`` with a rank."""
-        if self.rank is None:
-            return leaf_names(self.adapter, "lokr_w1", "lokr_w2")
-        return leaf_names(self.adapter, "lokr_w1", "lokr_w2_a", "lokr_w2_b")
-
-    @property
-    def trainable(self) -> Selector:
-        return leaf_selector(self.param_names)
+        return ("lokr_w1", "lokr_w2") if self.rank is None else ("lokr_w1", "lokr_w2_a", "lokr_w2_b")
 
     @property
     def param_axes(self) -> Mapping[str, tuple[Any, ...]]:
         """Sharding: replicated. A Kronecker factor's axes are not slices of the kernel's axes."""
         return {n: (None, None) for n in self.param_names}
 
-    def config(self) -> dict[str, Any]:
-        return {
-            "method": self.name,
-            "factor": self.factor,
-            "rank": self.rank,
-            "alpha": self.alpha,
-            "targets": selector_config(self.targets),
-            "param_dtype": self.param_dtype,
-            "adapter": self.adapter,
-        }
-
     def shapes(self, site: Site) -> tuple[tuple[int, int], tuple[int, int]]:
         """``((a, c), (b, d))``: the shapes of W1 and W2 at ``site`` (``kron`` gives ``[a b, c d]``)."""
-        d_in, d_out = site.kernel_shape
+        d_in, d_out = site.in_features, site.out_features
         (a, b), (c, d) = factorization(d_in, self.factor), factorization(d_out, self.factor)
         return (a, c), (b, d)
 
     def check_site(self, site: Site) -> None:
-        """A 2-D kernel, a factor dividing both of its sizes, a rank within W2's sizes."""
-        if len(site.kernel_shape) != 2:
+        """One input and one output axis (or a conv), a factor dividing both sizes, a rank within W2's sizes."""
+        super().check_site(site)
+        if site.kind == "linear" and (len(site.in_labels) != 1 or len(site.out_labels) != 1):
             raise ValueError(
                 f"LoKr at {site.path!r} ({site.layer_type}, kernel {site.kernel_shape}): LoKr needs a 2-D kernel "
-                "[d_in, d_out] (Dense / Linear); leave this layer out of targets"
+                f"[d_in, d_out] (one input and one output axis of {site.equation!r}, plus any shared axes); "
+                "leave this layer out of targets"
             )
-        d_in, d_out = site.kernel_shape
+        if site.kind == "conv" and site.feature_group_count != 1:
+            raise ValueError(
+                f"LoKr at {site.path!r} ({site.layer_type}): grouped convolutions (feature_group_count="
+                f"{site.feature_group_count}) are not supported; leave this layer out of targets"
+            )
+        d_in, d_out = site.in_features, site.out_features
         if self.factor > 0 and (d_in % self.factor or d_out % self.factor):
             raise ValueError(
                 f"LoKr factor {self.factor} at {site.path!r} must divide d_in = {d_in} and d_out = {d_out} "
@@ -219,17 +206,18 @@ class LoKr:
         self.check_site(site)
         dtype = jnp.dtype(self.param_dtype)
         (a, c), (b, d) = self.shapes(site)
+        lead = site.shared_shape
         k1, k2 = jax.random.split(key)
-        w1 = jax.random.uniform(k1, (a, c), dtype, -1.0 / math.sqrt(a), 1.0 / math.sqrt(a))
+        w1 = jax.random.uniform(k1, (*lead, a, c), dtype, -1.0 / math.sqrt(a), 1.0 / math.sqrt(a))
         if self.rank is None:
-            leaves = (w1, jnp.zeros((b, d), dtype))
+            leaves = (w1, jnp.zeros((*lead, b, d), dtype))
         else:
-            w2_a = jax.random.uniform(k2, (b, self.rank), dtype, -1.0 / math.sqrt(b), 1.0 / math.sqrt(b))
-            leaves = (w1, w2_a, jnp.zeros((self.rank, d), dtype))
+            w2_a = jax.random.uniform(k2, (*lead, b, self.rank), dtype, -1.0 / math.sqrt(b), 1.0 / math.sqrt(b))
+            leaves = (w1, w2_a, jnp.zeros((*lead, self.rank, d), dtype))
         return dict(zip(self.param_names, leaves))
 
     def factors(self, params: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        """``(W1 [a, c], W2 [b, d])``; a low-rank W2 is formed as ``A2 B2`` (``b x d``, small)."""
+        """``(W1 [*shared, a, c], W2 [*shared, b, d])``; a low-rank W2 is formed as ``A2 B2`` (``b x d``, small)."""
         leaves = [params[n] for n in self.param_names]
         if self.rank is None:
             return leaves[0], leaves[1]
@@ -249,30 +237,38 @@ class LoKr:
         """``base_fn(x) + s * x kron(W1, W2)``, computed as ``x [.., a, b]`` against W2 then W1.
 
         Args:
-          params: W1 ``[a, c]`` and W2 ``[b, d]`` (or its factors).
-          x: ``[..., d_in]`` (as the layer's equation reads it).
+          params: W1 ``[*shared, a, c]`` and W2 ``[*shared, b, d]`` (or its factors).
+          x: the layer input (as the layer's equation, or its convolution, reads it).
           base_fn: the base layer's computation (or the previous method's).
         """
         y = base_fn(x)
         w1, w2 = self.factors(params)
         dtype = jnp.result_type(x.dtype, w1.dtype)
+        if site.kind == "conv":
+            # The update is the kernel's size: build it and convolve (x stays the layer's own input).
+            update = site.apply_kernel(x.astype(dtype), self.delta(params, site).astype(dtype))
+            return y + update.astype(y.dtype)
         update = kron_apply(x.astype(dtype), w1.astype(dtype), w2.astype(dtype), site)
         return y + (self.scale * update).astype(y.dtype)
 
-    def delta(self, params: Mapping[str, jax.Array]) -> jax.Array:
-        """The dense update ``s kron(W1, W2)``: ``[d_in, d_out]`` (for merge; never in training)."""
+    def delta(self, params: Mapping[str, jax.Array], site: Site | None = None) -> jax.Array:
+        """The dense update ``s kron(W1, W2)`` (for merge; never in a linear site's training step).
+
+        Without ``site``: ``[d_in, d_out]``; with it, in the kernel's own layout and shape.
+        """
         w1, w2 = self.factors(params)
-        return self.scale * jnp.kron(w1.astype(jnp.float32), w2.astype(jnp.float32))
+        matrix = self.scale * batched_kron(w1.astype(jnp.float32), w2.astype(jnp.float32))
+        return matrix if site is None else site.from_matrix(matrix)
 
     def merge_site(self, params: Mapping[str, jax.Array], base: Mapping[str, Any], site: Site | None = None) -> dict:
         """``W + s kron(W1, W2)`` in the kernel's dtype."""
         kernel = float_kernel(base)
-        return {**base, "kernel": (kernel.astype(jnp.float32) + self.delta(params)).astype(kernel.dtype)}
+        return {**base, "kernel": (kernel.astype(jnp.float32) + self.delta(params, site)).astype(kernel.dtype)}
 
     def unmerge_site(self, params: Mapping[str, jax.Array], base: Mapping[str, Any], site: Site | None = None) -> dict:
         """``W - s kron(W1, W2)``: the inverse of ``merge_site``."""
         kernel = float_kernel(base)
-        return {**base, "kernel": (kernel.astype(jnp.float32) - self.delta(params)).astype(kernel.dtype)}
+        return {**base, "kernel": (kernel.astype(jnp.float32) - self.delta(params, site)).astype(kernel.dtype)}
 
 
 def lokr(

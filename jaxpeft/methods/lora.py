@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
@@ -30,112 +29,41 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from jaxpeft.methods.site import Site, float_kernel, fresh_label, parse_equation
-from jaxpeft.tree import Selector, check_selector
+from jaxpeft.methods.common import (  # noqa: F401  (re-exported: older code imports them from here)
+    Pattern,
+    check_adapter_name,
+    caller_level,
+    check_dropout,
+    dtype_name,
+    freeze_pattern,
+    freeze_selector,
+    is_alpha,
+    is_rank,
+    leaf_names,
+    leaf_selector,
+    pattern_value,
+    selector_config,
+)
+from jaxpeft.methods.protocol import PeftMethod
+from jaxpeft.methods.site import Site, float_kernel
+from jaxpeft.tree import Selector
 
 INITS = ("kaiming_uniform", "gaussian", "pissa")
 
-
-def freeze_selector(selector: Selector, what: str = "targets") -> Selector:
-    """Lists in a selector become tuples (configs are hashable: NNX keeps methods as static attributes).
-
-    A value that is no selector (``None``) or an invalid regex is refused here, when the transform is built.
-    """
-    check_selector(selector, what)
-    if isinstance(selector, (list, set, frozenset)):
-        return tuple(freeze_selector(s) for s in selector)
-    return selector
-
-
-def _caller_level() -> int:
-    """The ``stacklevel`` of the first frame outside jaxpeft (and dataclass-made ``__init__``): the user's line."""
-    import os
-    import sys
-
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and (frame.f_code.co_filename.startswith(package) or frame.f_code.co_filename == "<string>"):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def dtype_name(method: str, value: Any, field: str = "param_dtype") -> str:
-    """``value`` as a dtype name (``"bfloat16"``), or a ValueError naming the field and the value."""
-    try:
-        return jnp.dtype(value).name
-    except TypeError:
-        raise ValueError(
-            f"{method} {field}={value!r} is not a dtype; use a name such as 'float32', 'bfloat16' or 'float16', "
-            "or a jnp dtype"
-        ) from None
-
-
-def check_adapter_name(method: str, adapter: Any) -> None:
-    """An adapter name is a path-safe word (it suffixes leaf names: ``lora_a@name``)."""
-    if not isinstance(adapter, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", adapter):
-        raise ValueError(f"{method} adapter name must be letters, digits, '_', '.' or '-'; got {adapter!r}")
-
-
-def leaf_names(adapter: str, *names: str) -> tuple[str, ...]:
-    """``names`` as leaves of ``adapter``: unchanged for ``"default"``, else suffixed ``@adapter``."""
-    suffix = "" if adapter == "default" else f"@{adapter}"
-    return tuple(f"{n}{suffix}" for n in names)
-
-
-def leaf_selector(names: tuple[str, ...]) -> str:
-    """A regex selecting the leaves ``names`` anywhere in a parameter tree."""
-    return rf"(^|/)({'|'.join(re.escape(n) for n in names)})$"
-
-
-def selector_config(targets: Selector) -> Any:
-    """``targets`` as JSON data: a string, a list of strings, or its ``repr``."""
-    if isinstance(targets, str):
-        return targets
-    if isinstance(targets, tuple) and all(isinstance(t, str) for t in targets):
-        return list(targets)
-    return repr(targets)
-
-
-Pattern = tuple[tuple[str, Any], ...]
-
-
-def _freeze_pattern(method: str, field: str, pattern: Any, check: Callable[[Any], bool], what: str) -> Pattern:
-    """A ``{regex: value}`` mapping (or pairs) as a hashable tuple of pairs, order kept, validated."""
-    if pattern is None:
-        return ()
-    items = tuple(pattern.items()) if isinstance(pattern, Mapping) else tuple(tuple(p) for p in pattern)
-    for item in items:
-        if len(item) != 2 or not isinstance(item[0], str):
-            raise ValueError(f"{method} {field} maps regex strings to values; got the entry {item!r}")
-        regex, value = item
-        try:
-            re.compile(regex)
-        except re.error as e:
-            raise ValueError(f"{method} {field}: {regex!r} is not a valid regex ({e})") from None
-        if not check(value):
-            raise ValueError(f"{method} {field}[{regex!r}] must be {what}, got {value!r}")
-    return items
-
-
-def pattern_value(pattern: Pattern, path: str, default: Any) -> Any:
-    """The value of the first regex in ``pattern`` that ``re.search`` finds in ``path``, else ``default``."""
-    for regex, value in pattern:
-        if re.search(regex, path):
-            return value
-    return default
-
-
-def _is_rank(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _is_alpha(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+# Kept importable from here for code written before methods.common existed.
+_freeze_pattern = freeze_pattern
+_is_rank = is_rank
+_is_alpha = is_alpha
 
 
 @dataclasses.dataclass(frozen=True)
-class LoRA:
+class LoRA(PeftMethod):
     """LoRA configuration and its pure per-site functions.
+
+    Sites: linear (any einsum layout; shared axes get one adapter per slice), conv (``A`` a
+    convolution with the base window, ``in -> r``; ``B`` a 1x1 convolution ``r -> out``, stored
+    ``[r, out]``: HF PEFT's layout) and embed (HF PEFT's ``lora_embedding_A`` / ``_B``: ``A = 0``,
+    ``B ~ N(0, 1)``, the update ``s A[ids] B``; stored ``[num_embeddings, r]`` and ``[r, features]``).
 
     Attributes:
       rank: the rank ``r`` of the update; ``1 <= r <= min(d_in, d_out)`` at every target.
@@ -171,21 +99,23 @@ class LoRA:
     alpha_pattern: Pattern = ()
 
     name: ClassVar[str] = "lora"
+    leaves: ClassVar[tuple[str, ...]] = ("lora_a", "lora_b")
+    site_kinds: ClassVar[frozenset[str]] = frozenset({"linear", "conv", "embed"})
+    config_omit_empty: ClassVar[tuple[str, ...]] = ("rank_pattern", "alpha_pattern")
 
     def __post_init__(self):
-        if not _is_rank(self.rank):
+        if not is_rank(self.rank):
             raise ValueError(f"LoRA rank must be a positive int, got {self.rank!r}")
-        if not _is_alpha(self.alpha):
+        if not is_alpha(self.alpha):
             raise ValueError(f"LoRA alpha must be a finite number, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        check_dropout("LoRA", self.dropout)
         check_adapter_name("LoRA", self.adapter)
         if self.init not in INITS:
             raise ValueError(f"LoRA init must be one of {INITS}, got {self.init!r}")
         object.__setattr__(self, "targets", freeze_selector(self.targets))
-        object.__setattr__(self, "param_dtype", dtype_name("LoRA", self.param_dtype))
-        rank_pattern = _freeze_pattern("LoRA", "rank_pattern", self.rank_pattern, _is_rank, "a positive int")
-        alpha_pattern = _freeze_pattern("LoRA", "alpha_pattern", self.alpha_pattern, _is_alpha, "a finite number")
+        object.__setattr__(self, "param_dtype", dtype_name(self.param_dtype, "LoRA param_dtype"))
+        rank_pattern = freeze_pattern("LoRA", "rank_pattern", self.rank_pattern, is_rank, "a positive int")
+        alpha_pattern = freeze_pattern("LoRA", "alpha_pattern", self.alpha_pattern, is_alpha, "a finite number")
         object.__setattr__(self, "rank_pattern", rank_pattern)
         object.__setattr__(self, "alpha_pattern", alpha_pattern)
         zero = [f"alpha={self.alpha!r}"] if self.alpha == 0 else []
@@ -196,7 +126,7 @@ class LoRA:
                 f"LoRA {', '.join(zero)}: the scale alpha / rank is 0, so the adapter's update and the gradients "
                 "of lora_a / lora_b are always zero (nothing trains); did you mean alpha=rank?",
                 UserWarning,
-                stacklevel=_caller_level(),
+                stacklevel=caller_level(),
             )
 
     @property
@@ -243,42 +173,20 @@ class LoRA:
         # The rank is the factors' own (rank_pattern included); alpha is the one default alpha.
         return self._scale(self.alpha, self._factors(params)[0].shape[-1])
 
-    @property
-    def param_names(self) -> tuple[str, str]:
-        """The leaf names this adapter adds at each site: ``(A, B)``."""
-        return leaf_names(self.adapter, "lora_a", "lora_b")
-
-    @property
-    def trainable(self) -> Selector:
-        """Selector of this adapter's leaves in a parameter tree."""
-        return leaf_selector(self.param_names)
-
     def _factors(self, params: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         a, b = self.param_names
         return params[a], params[b]
 
-    def config(self) -> dict[str, Any]:
-        """A JSON-serialisable description (saved with adapter checkpoints)."""
-        config = {
-            "method": self.name,
-            "rank": self.rank,
-            "alpha": self.alpha,
-            "targets": selector_config(self.targets),
-            "rslora": self.rslora,
-            "dropout": self.dropout,
-            "init": self.init,
-            "param_dtype": self.param_dtype,
-            "adapter": self.adapter,
-        }
-        # Only when set: configs saved before the patterns existed compare equal.
-        if self.rank_pattern:
-            config["rank_pattern"] = dict(self.rank_pattern)
-        if self.alpha_pattern:
-            config["alpha_pattern"] = dict(self.alpha_pattern)
-        return config
-
     def check_site(self, site: Site) -> None:
         """Raise before any work if this method cannot attach to ``site``."""
+        super().check_site(site)
+        if site.kind == "conv" and site.feature_group_count != 1:
+            raise ValueError(
+                f"LoRA at {site.path!r} ({site.layer_type}): grouped convolutions (feature_group_count="
+                f"{site.feature_group_count}) are not supported; leave this layer out of targets"
+            )
+        if site.kind == "embed" and self.init == "pissa":
+            raise ValueError(f"LoRA init='pissa' at {site.path!r}: PiSSA is for kernels, not embedding tables")
         rank = self.rank_at(site.path)
         limit = min(site.in_features, site.out_features)
         if rank > limit:
@@ -288,8 +196,9 @@ class LoRA:
             )
 
     def init_site(self, key: jax.Array, site: Site, base: Mapping[str, Any] | None = None) -> dict[str, jax.Array]:
-        """``{A: [*in_shape, r], B: [r, *out_shape]}`` under ``param_names``; B = 0 (LoRA sec. 4.1).
+        """``{A: [*shared, *in_shape, r], B: [*shared, r, *out_shape]}``; B = 0 (LoRA sec. 4.1).
 
+        An embedding site gets HF PEFT's init instead: ``A = 0``, ``B ~ N(0, 1)``.
         With ``init="pissa"`` also ``{"kernel": W - s A B}`` (the residual replaces the base kernel).
         """
         rank = self.rank_at(site.path)
@@ -298,13 +207,16 @@ class LoRA:
                 raise ValueError(f"PiSSA init at {site.path!r} needs the layer's kernel (init_site(key, site, base))")
             return self._init_pissa(site, base, rank)
         dtype = jnp.dtype(self.param_dtype)
-        a_shape = (*site.in_shape, rank)
+        a_shape, b_shape = site.a_shape(rank), site.b_shape(rank)
+        if site.kind == "embed":
+            # HF PEFT's Embedding.reset_lora_parameters: A zeros, B normal (the update starts at 0).
+            return dict(zip(self.param_names, (jnp.zeros(a_shape, dtype), jax.random.normal(key, b_shape, dtype))))
         if self.init == "kaiming_uniform":
             bound = 1.0 / math.sqrt(site.in_features)
             lora_a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
         else:
             lora_a = jax.random.normal(key, a_shape, dtype) / rank
-        lora_b = jnp.zeros((rank, *site.out_shape), dtype)
+        lora_b = jnp.zeros(b_shape, dtype)
         return dict(zip(self.param_names, (lora_a, lora_b)))
 
     def _init_pissa(self, site: Site, base: Mapping[str, Any], rank: int) -> dict[str, Any]:
@@ -313,7 +225,7 @@ class LoRA:
         lora_a, lora_b = lora_a.astype(self.param_dtype), lora_b.astype(self.param_dtype)
         # The residual is taken with the stored (param_dtype) factors, the ones the forward uses.
         residual = float_kernel(base, jnp.float32) - scale * lora_product(lora_a.astype(jnp.float32),
-                                                                          lora_b.astype(jnp.float32))
+                                                                          lora_b.astype(jnp.float32), site)
         kernel = base["kernel"]
         from jaxpeft.quant import QuantizedArray, quantize_array
 
@@ -356,22 +268,29 @@ class LoRA:
 
         ``site`` is needed only with ``alpha_pattern`` (the site's alpha); the rank is the factors'.
         """
-        kernel = float_kernel(base)
+        name = site.kernel_name if site is not None else "kernel"
+        kernel = float_kernel(base, name=name)
         scale = self._merge_scale(params, site)
-        return {**base, "kernel": (kernel + scale * lora_product(*self._factors(params))).astype(kernel.dtype)}
+        return {**base, name: (kernel + scale * lora_product(*self._factors(params), site)).astype(kernel.dtype)}
 
     def unmerge_site(
         self, params: Mapping[str, jax.Array], base: Mapping[str, Any], site: Site | None = None
     ) -> dict[str, Any]:
         """``W - s A B``: the inverse of ``merge_site``."""
-        kernel = float_kernel(base)
+        name = site.kernel_name if site is not None else "kernel"
+        kernel = float_kernel(base, name=name)
         scale = self._merge_scale(params, site)
-        return {**base, "kernel": (kernel - scale * lora_product(*self._factors(params))).astype(kernel.dtype)}
+        return {**base, name: (kernel - scale * lora_product(*self._factors(params), site)).astype(kernel.dtype)}
 
 
-def lora_product(lora_a: jax.Array, lora_b: jax.Array) -> jax.Array:
-    """``A B`` contracted over the rank axis: ``[*in_shape, *out_shape]``, the kernel's shape."""
-    return jnp.tensordot(lora_a, lora_b, axes=1, precision=jax.lax.Precision.HIGHEST)
+def lora_product(lora_a: jax.Array, lora_b: jax.Array, site: Site | None = None) -> jax.Array:
+    """``A B`` contracted over the rank axis, shaped and laid out as the kernel.
+
+    Without ``site``: ``[*in_shape, *out_shape]`` (a kernel whose input axes come first, no shared axes).
+    """
+    if site is None:
+        return jnp.tensordot(lora_a, lora_b, axes=1, precision=jax.lax.Precision.HIGHEST)
+    return site.product(lora_a, lora_b)
 
 
 def pissa_factors(kernel: jax.Array, site: Site, rank: int, scale: float) -> tuple[jax.Array, jax.Array]:
@@ -383,19 +302,19 @@ def pissa_factors(kernel: jax.Array, site: Site, rank: int, scale: float) -> tup
     signs, so recomputing the residual from W reproduces it (up to float rounding).
 
     Args:
-      kernel: ``[*in_shape, *out_shape]``, float.
-      site: the layer (for its input / output axes).
+      kernel: the site's kernel in its own layout, float.
+      site: the layer (for its input / output / shared axes; one SVD per shared slice).
       rank: ``r``.
       scale: the LoRA scale ``s`` at this site.
     Returns:
-      ``A: [*in_shape, r]``, ``B: [r, *out_shape]`` in float32.
+      ``A: [*shared, *in_shape, r]``, ``B: [*shared, r, *out_shape]`` in float32.
     """
-    w = kernel.astype(jnp.float32).reshape(site.in_features, site.out_features)
+    w = site.to_matrix(kernel.astype(jnp.float32))  # [*shared, d_in, d_out]
     u, sv, vt = jnp.linalg.svd(w, full_matrices=False)
-    root = jnp.sqrt(sv[:rank] / scale)
-    lora_a = u[:, :rank] * root
-    lora_b = root[:, None] * vt[:rank]
-    return lora_a.reshape(*site.in_shape, rank), lora_b.reshape(rank, *site.out_shape)
+    root = jnp.sqrt(sv[..., :rank] / scale)
+    lora_a = u[..., :, :rank] * root[..., None, :]
+    lora_b = root[..., :, None] * vt[..., :rank, :]
+    return lora_a.reshape(site.a_shape(rank)), lora_b.reshape(site.b_shape(rank))
 
 
 def pissa_to_lora(
@@ -437,31 +356,23 @@ def lora_delta(
     """``s * dropout(x) A B`` in factored form (two thin einsums, never ``A B``).
 
     Args:
-      lora_a: ``[*in_shape, r]``.
-      lora_b: ``[r, *out_shape]``.
-      site: the layer; its equation says how ``x`` meets the kernel.
+      lora_a: ``[*shared, *in_shape, r]``.
+      lora_b: ``[*shared, r, *out_shape]``.
+      site: the layer; its equation (or its convolution / lookup) says how ``x`` meets the kernel.
       x: the layer input.
     Returns:
       the update, shaped like the base layer's output.
     """
-    lhs, _, out = parse_equation(site.equation)
-    r = fresh_label(site.equation)
-    rest = "".join(c for c in lhs if c not in site.in_labels)
+    if site.kind == "embed":
+        # ids are not dropped out (HF PEFT's Embedding applies no dropout either).
+        dtype = jnp.result_type(lora_a.dtype, lora_b.dtype)
+        return scale * site.lowrank(x, lora_a.astype(dtype), lora_b.astype(dtype))
     if dropout > 0.0 and rng is not None:
         keep = jax.random.bernoulli(rng, 1.0 - dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
     dtype = jnp.result_type(x.dtype, lora_a.dtype)
     x, lora_a, lora_b = x.astype(dtype), lora_a.astype(dtype), lora_b.astype(dtype)
-    if lhs.endswith(site.in_labels) and out == rest + site.out_labels:
-        # Inputs trailing, outputs trailing (Dense and most Einsums): two 2-D matmuls. XLA:CPU
-        # runs the backward of the batched einsum form ~3x slower (benchmarks/bench_lora.py).
-        rank = lora_a.shape[-1]
-        batch_shape = x.shape[: x.ndim - len(site.in_labels)]
-        xa = x.reshape(-1, site.in_features) @ lora_a.reshape(site.in_features, rank)
-        y = xa @ lora_b.reshape(rank, site.out_features)
-        return scale * y.reshape(*batch_shape, *site.out_shape)
-    xa = jnp.einsum(f"{lhs},{site.in_labels}{r}->{rest}{r}", x, lora_a)
-    return scale * jnp.einsum(f"{rest}{r},{r}{site.out_labels}->{out}", xa, lora_b)
+    return scale * site.lowrank(x, lora_a, lora_b)
 
 
 def lora(
@@ -525,9 +436,9 @@ def lora_delta_mixed(
     Returns:
       ``[batch, ..., *out_shape]``.
     """
-    lhs, _, out = parse_equation(site.equation)
+    lhs, _, out = site.parts
     rest = "".join(c for c in lhs if c not in site.in_labels)
-    if not (lhs.endswith(site.in_labels) and out == rest + site.out_labels):
+    if not (site.kind == "linear" and site.canonical and lhs.endswith(site.in_labels) and out == rest + site.out_labels):
         raise ValueError(f"mixed-adapter batches need trailing input and output axes; {site.path!r} has {site.equation!r}")
     present = [f for f in factors if f is not None]
     rank = max(a.shape[-1] for a, _ in present)

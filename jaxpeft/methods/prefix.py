@@ -39,22 +39,18 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from jaxpeft.methods.lora import check_adapter_name, freeze_selector, selector_config
-from jaxpeft.methods.site import Site, parse_equation
+from jaxpeft.methods.common import SHARED, check_adapter_name, freeze_selector, leaf_selector
+from jaxpeft.methods.common import check_positive_int as _positive_int
+from jaxpeft.methods.protocol import PeftMethod, check_no_shared, init_per_layer
+from jaxpeft.methods.site import Site
 from jaxpeft.tree import Selector
 
 REPARAMS = (None, "shared", "per_site")
-SHARED = "peft_shared"  # where the bindings keep shared leaves (jaxpeft.bind.plan.SHARED; no flax import here)
 
 # Leaf names, before the ``@adapter`` suffix.
 PREFIX = "prefix"
 EMBEDDING, HIDDEN_KERNEL, HIDDEN_BIAS = "prefix_embedding", "prefix_hidden_kernel", "prefix_hidden_bias"
 OUT_KERNEL, OUT_BIAS = "prefix_out_kernel", "prefix_out_bias"
-
-
-def _positive_int(method: str, field: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{method} {field} must be a positive int, got {value!r}")
 
 
 def concat_prefix(y: jax.Array, prefix: jax.Array, site: Site) -> jax.Array:
@@ -110,7 +106,7 @@ def _linear_init(key: jax.Array, fan_in: int, shape: Sequence[int], dtype) -> ja
 
 
 @dataclasses.dataclass(frozen=True)
-class PrefixTuning:
+class PrefixTuning(PeftMethod):
     """Prefix tuning configuration and its pure per-site functions.
 
     Attributes:
@@ -139,6 +135,10 @@ class PrefixTuning:
     # The bindings place a sequence-extending method outermost at its site (after LoRA, IA3, ...
     # there): the prefix is the final key / value, and updates of the real rows keep their shape.
     extends_sequence: ClassVar[bool] = True
+    merges: ClassVar[bool] = False
+    unmerges: ClassVar[bool] = False
+    identity_at_init: ClassVar[bool] = False
+    foldable: ClassVar[bool] = True
 
     def __post_init__(self):
         _positive_int("PrefixTuning", "length", self.length)
@@ -155,15 +155,13 @@ class PrefixTuning:
         return name if self.adapter == "default" else f"{name}@{self.adapter}"
 
     @property
-    def param_names(self) -> tuple[str, ...]:
-        """The leaves this method adds at each site."""
+    def leaves(self) -> tuple[str, ...]:
+        """The leaves this method adds at each site (before the ``@adapter`` suffix)."""
         if self.reparam is None:
-            names = (PREFIX,)
-        elif self.reparam == "shared":
-            names = (OUT_KERNEL, OUT_BIAS)
-        else:
-            names = (EMBEDDING, HIDDEN_KERNEL, HIDDEN_BIAS, OUT_KERNEL, OUT_BIAS)
-        return tuple(self._leaf(n) for n in names)
+            return (PREFIX,)
+        if self.reparam == "shared":
+            return (OUT_KERNEL, OUT_BIAS)
+        return (EMBEDDING, HIDDEN_KERNEL, HIDDEN_BIAS, OUT_KERNEL, OUT_BIAS)
 
     @property
     def shared_names(self) -> tuple[str, ...]:
@@ -171,34 +169,18 @@ class PrefixTuning:
         return (EMBEDDING, HIDDEN_KERNEL, HIDDEN_BIAS) if self.reparam == "shared" else ()
 
     @property
-    def shared_key(self) -> str:
-        return f"{self.name}@{self.adapter}"
-
-    @property
     def trainable(self) -> Selector:
         """Selector of this adapter's leaves (and its shared leaves) in a parameter tree."""
-        names = "|".join(re.escape(n) for n in self.param_names)
-        site_leaves = rf"(^|/)({names})$"
+        site_leaves = leaf_selector(self.param_names)
         if self.reparam != "shared":
             return site_leaves
         return (site_leaves, rf"(^|/){SHARED}/{re.escape(self.shared_key)}/")
 
-    def config(self) -> dict[str, Any]:
-        """A JSON-serialisable description (saved with adapter checkpoints)."""
-        return {
-            "method": self.name,
-            "length": self.length,
-            "targets": selector_config(self.targets),
-            "reparam": self.reparam,
-            "reparam_dim": self.reparam_dim,
-            "reparam_hidden": self.reparam_hidden,
-            "param_dtype": self.param_dtype,
-            "adapter": self.adapter,
-        }
-
     def check_site(self, site: Site) -> None:
         """The projection's output axes must trail (its output is ``[batch, seq, *out_shape]``)."""
-        _, _, out = parse_equation(site.equation)
+        super().check_site(site)
+        check_no_shared(self, site)
+        out = site.output_layout
         if not out.endswith(site.out_labels):
             raise ValueError(
                 f"PrefixTuning at {site.path!r} ({site.layer_type}, {site.equation!r}): the projection's output "
@@ -219,6 +201,7 @@ class PrefixTuning:
             HIDDEN_BIAS: _linear_init(k_b, e, (h,), dtype),
         }
 
+    @init_per_layer
     def init_site(self, key: jax.Array, site: Site, base: Mapping[str, Any] | None = None) -> dict[str, jax.Array]:
         """The site's leaves: the prefix ``[P, *out_shape] ~ N(0, 1)``, or its part of the MLP."""
         dtype = jnp.dtype(self.param_dtype)

@@ -45,7 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpeft.methods.lora import check_adapter_name
+from jaxpeft.methods.common import check_adapter_name
+from jaxpeft.methods.protocol import PeftMethod
 
 PROMPT_INITS = ("random", "vocab", "text")
 ENCODERS = ("mlp", "lstm")
@@ -123,10 +124,14 @@ def drop_prompt(output: Any, n: int) -> Any:
     return jax.tree.map(drop, output)
 
 
-class _SoftPrompt:
+class _SoftPrompt(PeftMethod):
     """What prompt tuning and P-tuning share: the model-level protocol around ``prompt(params)``."""
 
     scope: ClassVar[str] = "model"
+    site_kinds: ClassVar[frozenset[str]] = frozenset()
+    merges: ClassVar[bool] = False
+    unmerges: ClassVar[bool] = False
+    identity_at_init: ClassVar[bool] = False
     # methods_of (jaxpeft.transform) reads the per-site protocol's names; a model-level method
     # targets no layer and has no per-site functions (the bindings call init_model / apply_model).
     targets: ClassVar[Any] = None
@@ -224,17 +229,6 @@ class PromptTuning(_SoftPrompt):
             object.__setattr__(self, "init_token_ids", ids)
         check_adapter_name("PromptTuning", self.adapter)
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "method": self.name,
-            "length": self.length,
-            "init": self.init,
-            "vocab_size": self.vocab_size,
-            "init_token_ids": list(self.init_token_ids) if self.init_token_ids is not None else None,
-            "param_dtype": self.param_dtype,
-            "adapter": self.adapter,
-        }
 
     def init_ids(self, key: jax.Array) -> jax.Array | None:
         """The token ids whose embeddings start the prompt (None for ``init="random"``): int ``[n]``."""
@@ -353,6 +347,7 @@ class PTuning(_SoftPrompt):
     adapter: str = "default"
 
     name: ClassVar[str] = "p_tuning"
+    foldable: ClassVar[bool] = True
     group_name: ClassVar[str] = "prompt_encoder"
 
     def __post_init__(self):
@@ -364,17 +359,6 @@ class PTuning(_SoftPrompt):
         _positive_int("PTuning", "lstm_layers", self.lstm_layers)
         check_adapter_name("PTuning", self.adapter)
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "method": self.name,
-            "length": self.length,
-            "encoder": self.encoder,
-            "hidden_size": self.hidden_size,
-            "lstm_layers": self.lstm_layers,
-            "param_dtype": self.param_dtype,
-            "adapter": self.adapter,
-        }
 
     def init_model(
         self, key: jax.Array, spec: ModelSpec, embed_fn: Callable[[jax.Array], jax.Array] | None = None
