@@ -41,6 +41,7 @@ from jaxpeft.ensembling import (
     wise_ft,
     wise_ft_adapter,
 )
+from jaxpeft.generate import GenerateOutput, generate
 from jaxpeft.losses import cross_entropy
 from jaxpeft.merge import merge, unmerge
 from jaxpeft.methods import DoRA, IA3, LoKr, LoRA, Site, dora, ia3, lokr, lora, pissa_to_lora
@@ -104,6 +105,7 @@ __all__ = [
     "Compacter",
     "DoRA",
     "EarlyStopping",
+    "GenerateOutput",
     "IA3",
     "LoKr",
     "LoRA",
@@ -148,6 +150,7 @@ __all__ = [
     "evaluate",
     "fingerprint",
     "fit",
+    "generate",
     "fold",
     "greedy_soup",
     "houlsby",

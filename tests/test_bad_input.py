@@ -107,16 +107,18 @@ ROWS = [
     Row("mixed_adapters-negative-id",
         lambda w, d: jp.mixed_adapters(w.nnx_model, ["default", "b"], np.array([-1, 0])).__enter__(),
         ValueError, r"adapter_ids \[-1\]"),
+    Row("mixed_adapters-on-linen", lambda w, d: jp.mixed_adapters(w.peft_model, ["default"], np.array([0])),
+        TypeError, r"mixed_adapters works on NNX models; got PeftLinen"),
     Row("mixed_adapters-float-ids",
         lambda w, d: jp.mixed_adapters(w.nnx_model, ["default", "b"], np.array([0.0, 1.0], np.float32)).__enter__(),
         TypeError, r"dtype float32"),
     Row("PeftLinen.apply-id-out-of-range",
         lambda w, d: w.peft_model.apply(w.params, TOKENS, adapters=["default"], adapter_ids=np.array([0, 1])),
         ValueError, r"adapter_ids \[1\].*\['default'\]", covers=("PeftLinen",)),
-    Row("adapters_disabled-on-linen", lambda w, d: jp.adapters_disabled(w.peft_model),
-        TypeError, r"works on NNX models; got PeftLinen.*adapters=False"),
-    Row("use_adapters-on-linen", lambda w, d: jp.use_adapters(w.peft_model, "default"),
-        TypeError, r"use_adapters works on NNX models; got PeftLinen"),
+    Row("adapters_disabled-not-a-bound-model", lambda w, d: jp.adapters_disabled(w.base).__enter__(),
+        TypeError, r"got dict"),
+    Row("use_adapters-unknown-name", lambda w, d: jp.use_adapters(w.peft_model, "nope").__enter__(),
+        KeyError, r"'nope'.*\['default'\]"),
     Row("ia3-feedforward-outside-targets",
         lambda w, d: jp.apply(jp.ia3(targets=r"attn/(key|value)$", feedforward=r"mlp/up$"), w.model,
                               jax.random.key(0), TOKENS, params=w.base),
@@ -404,3 +406,15 @@ def test_default_ia3_feedforward_may_miss_when_targets_leave_out_the_mlp(world):
     _, params = jp.apply(jp.ia3(targets=r"attn/(key|value)$"), world.model, jax.random.key(0), TOKENS,
                          params=world.base)
     assert "ia3_scale" in params["layers_0"]["attn"]["key"]
+
+
+def test_adapters_disabled_on_linen_runs_the_base(world):
+    """Issue 11 found it did nothing on Linen; the bind rewrite makes it yield a copy running the base alone."""
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 1.0 if "lora_b" in jax.tree_util.keystr(p) else x, world.params
+    )  # B != 0: the adapter changes the output
+    with_adapter = np.asarray(world.peft_model.apply(params, TOKENS))
+    with jp.adapters_disabled(world.peft_model) as base_model:
+        disabled = np.asarray(base_model.apply(params, TOKENS))
+    np.testing.assert_allclose(disabled, np.asarray(world.model.apply({"params": world.base}, TOKENS)), atol=1e-6)
+    assert not np.allclose(disabled, with_adapter)
