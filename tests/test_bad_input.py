@@ -313,6 +313,10 @@ ROWS = [
     Row("dequantize-dtype", lambda w, d: jp.dequantize(w.quantized, "bf16"), (TypeError, ValueError), r"'bf16'"),
     Row("Site-kernel-rank", lambda w, d: jp.Site("q", "Dense", "ab,bc->ac", (3,)), ValueError,
         r"names 2 kernel axes but the kernel has shape \(3,\)"),
+    # ---- generation
+    Row("generate-not-a-gemma-model", lambda w, d: jp.generate(w.model, np.zeros((2, 4), np.int32), params=w.base,
+                                                               max_new_tokens=4),
+        TypeError, r"cannot find a GemmaConfig on LinenLM", covers=("GenerateOutput",)),
     # ---- sharding
     Row("peft_specs-not-bound", lambda w, d: jp.peft_specs(w.base), TypeError, r"dict"),
     Row("param_axes-not-a-method", lambda w, d: jp.param_axes("lora"), TypeError, r"'lora'|str"),
