@@ -21,9 +21,8 @@ from jaxpeft.checkpoint import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointMismatchError,
-    insert,
+    load_adapter,
     load_metadata,
-    prune,
     restore_adapter,
     save_adapter,
 )
@@ -67,7 +66,8 @@ from jaxpeft.pruning import (
     nm_mask,
     rewind,
 )
-from jaxpeft.quant import QuantizedArray, quant_summary
+from jaxpeft.paged import offload, paged_train_step
+from jaxpeft.quant import QuantizedArray, qmatmul_blockwise, quant_summary
 from jaxpeft.sharding import ShardingError, check_specs, optimizer_specs, param_axes, peft_specs, shardings
 from jaxpeft.task_arithmetic import (
     add_weighted_adapters,
@@ -78,7 +78,7 @@ from jaxpeft.task_arithmetic import (
     task_vector,
     ties_merge,
 )
-from jaxpeft.train import EarlyStopping, TrainResult, evaluate, fit, make_eval_step, make_train_step
+from jaxpeft.train import EarlyStopping, TrainResult, TrainStep, evaluate, fit, make_eval_step, make_train_step
 from jaxpeft.transform import Chain, chain
 from jaxpeft.tree import (
     ParamSummary,
@@ -86,10 +86,12 @@ from jaxpeft.tree import (
     SelectorError,
     combine,
     fingerprint,
+    insert,
     leaves_with_paths,
     mask,
     partition,
     paths,
+    prune,
     select,
     summary,
 )
@@ -123,6 +125,7 @@ __all__ = [
     "Site",
     "SoupResult",
     "TrainResult",
+    "TrainStep",
     "TreeMismatchError",
     "adapter_ensemble",
     "adapter_names",
@@ -144,6 +147,9 @@ __all__ = [
     "decay_mask",
     "delete_adapter",
     "dequantize",
+    "offload",
+    "paged_train_step",
+    "qmatmul_blockwise",
     "distillation_loss",
     "dora",
     "evaluate",
@@ -157,6 +163,7 @@ __all__ = [
     "insert",
     "iterative_magnitude_pruning",
     "leaves_with_paths",
+    "load_adapter",
     "load_metadata",
     "lokr",
     "lora",

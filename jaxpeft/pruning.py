@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxpeft.tree import Selector, describe, leaves_with_paths, path_to_str, select
+from jaxpeft.tree import Selector, describe, leaves_with_paths, path_to_str, select, variable_value
 
 __all__ = [
     "default_targets",
@@ -76,9 +76,7 @@ def _whole(x: Any) -> bool:
 
 
 def _array(x: Any) -> Any:
-    if _is_variable(x):
-        return x.get_value() if hasattr(x, "get_value") else x.value
-    return x
+    return variable_value(x)
 
 
 def _is_float_array(x: Any) -> bool:
@@ -407,8 +405,10 @@ def mask_sparsity(mask: Any) -> float:
     not known to the mask). Reads the mask to the host.
     """
     total = pruned = 0
-    for _, m in leaves_with_paths(mask):
+    for path, m in leaves_with_paths(mask):
         m = _array(m)
+        if not (isinstance(m, bool) or (hasattr(m, "dtype") and np.dtype(m.dtype) == np.bool_)):
+            raise TypeError(f"mask_sparsity: the mask leaf at {path!r} is {type(m).__name__} {m!r}, not a bool array")
         if hasattr(m, "dtype") and np.ndim(m) > 0:
             m = np.asarray(m)
             total += m.size
@@ -465,6 +465,9 @@ def masked_updates(
     Raises:
       ValueError / TypeError: at ``init``, the mask does not have the parameters' structure.
     """
+    if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
+        raise TypeError(f"masked_updates: inner must be an optax transformation (init, update), got "
+                        f"{type(inner).__name__}: {inner!r}")
 
     def init(params):
         m = mask(params) if callable(mask) else mask

@@ -570,3 +570,18 @@ def gemma_nnx_from_params(config: GemmaConfig, params: Any) -> GemmaNnx:
 def gemma_params_from_nnx(model: GemmaNnx) -> dict:
     """The Linen-layout ``params`` (nested dict of arrays) of a ``GemmaNnx``."""
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def _hf_checkpoint(config: GemmaConfig, params: Any) -> tuple[dict, dict]:
+    from jaxpeft.models.gguf import hf_gemma3_checkpoint  # HF names live beside the llama.cpp ones
+
+    return hf_gemma3_checkpoint(config, params)
+
+
+def _register_saver() -> None:
+    from jaxpeft.models.pretrained import register_saver
+
+    register_saver(GemmaConfig, _hf_checkpoint)  # jp save_pretrained(dir, config, params) -> Gemma3ForCausalLM
+
+
+_register_saver()

@@ -23,7 +23,7 @@ import numpy as np
 
 from jaxpeft.models.gemma import GemmaConfig
 
-__all__ = ["GGUFError", "gemma3_270m_path", "read_gguf_config", "load_gguf", "gguf_metadata"]
+__all__ = ["GGUFError", "gemma3_270m_path", "read_gguf_config", "load_gguf", "gguf_metadata", "hf_gemma3_checkpoint"]
 
 KNOWN_ARCHITECTURES = ("gemma3",)
 CACHE_DIR = Path(os.environ.get("JAXPEFT_CACHE", Path.home() / ".cache" / "jaxpeft"))
@@ -43,10 +43,6 @@ _BLOCK_TENSORS = {
     "ffn_up.weight": ("mlp/up/kernel", "linear"),
     "ffn_down.weight": ("mlp/down/kernel", "linear"),
     "post_ffw_norm.weight": ("post_mlp_norm/scale", "norm"),
-}
-_TOP_TENSORS = {
-    "token_embd.weight": ("embed/embedding", "embed"),
-    "output_norm.weight": ("final_norm/scale", "norm"),
 }
 
 
@@ -283,3 +279,65 @@ def load_gguf(
 
 def _natural(name: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+_HF_BLOCK = {
+    "attn_norm/scale": "input_layernorm.weight", "attn/query/kernel": "self_attn.q_proj.weight",
+    "attn/key/kernel": "self_attn.k_proj.weight", "attn/value/kernel": "self_attn.v_proj.weight",
+    "attn/out/kernel": "self_attn.o_proj.weight", "attn/query_norm/scale": "self_attn.q_norm.weight",
+    "attn/key_norm/scale": "self_attn.k_norm.weight", "post_attn_norm/scale": "post_attention_layernorm.weight",
+    "mlp_norm/scale": "pre_feedforward_layernorm.weight", "mlp/gate/kernel": "mlp.gate_proj.weight",
+    "mlp/up/kernel": "mlp.up_proj.weight", "mlp/down/kernel": "mlp.down_proj.weight",
+    "post_mlp_norm/scale": "post_feedforward_layernorm.weight",
+}
+
+
+def _int_if_whole(value):
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def hf_gemma3_checkpoint(config: GemmaConfig, params: Any) -> tuple[dict, dict]:
+    """``(config.json dict, {HF name: array})`` of a Gemma 3 text model, as ``Gemma3ForCausalLM`` reads it.
+
+    Dense kernels ``[d_in, d_out]`` become torch ``[d_out, d_in]``; norm weights keep HF's ``w``.
+    """
+    c = config
+    layer_types = ["full_attention" if c.is_global(i) else "sliding_attention" for i in range(c.num_layers)]
+    hf_config = {
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": c.vocab_size,
+        "hidden_size": c.d_model, "intermediate_size": c.d_ff, "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
+        "rms_norm_eps": c.rms_norm_eps, "sliding_window": c.sliding_window, "layer_types": layer_types,
+        "query_pre_attn_scalar": _int_if_whole(c.query_pre_attn_scalar or c.head_dim),
+        "max_position_embeddings": c.max_seq_len,
+        "final_logit_softcapping": c.final_logit_softcap, "attn_logit_softcapping": c.attn_logit_softcap,
+        "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
+        "rope_theta": c.rope_base, "rope_local_base_freq": c.rope_local_base,
+        "rope_parameters": {
+            "full_attention": ({"rope_type": "default", "rope_theta": c.rope_base} if c.rope_scaling_factor == 1.0
+                               else {"rope_type": "linear", "factor": c.rope_scaling_factor,
+                                     "rope_theta": c.rope_base}),
+            "sliding_attention": {"rope_type": "default", "rope_theta": c.rope_local_base},
+        },
+        "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
+    }
+    tensors = {"model.embed_tokens.weight": np.asarray(params["embed"]["embedding"]),
+               "model.norm.weight": np.asarray(params["final_norm"]["scale"])}
+    for i in range(c.num_layers):
+        block = params[f"layers_{i}"]
+        for ours, theirs in _HF_BLOCK.items():
+            node = block
+            for key in ours.split("/"):
+                node = node[key]
+            array = np.asarray(node)
+            tensors[f"model.layers.{i}.{theirs}"] = array.T if ours.endswith("kernel") else array
+    return hf_config, {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+
+
+def _register() -> None:
+    from jaxpeft.models.pretrained import register_loader
+
+    register_loader(".gguf", load_gguf)
+
+
+_register()
