@@ -19,6 +19,7 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
+import flax.errors
 import flax.linen as nn
 import jax
 from flax.core import unfreeze
@@ -278,6 +279,11 @@ def apply_linen(
       params: the base ``params`` collection; never modified (new dicts, same arrays).
         None initialises a base with ``model.init``.
     """
+    if not args and not kwargs:
+        raise TypeError(
+            f"jp.apply on a Linen model ({type(model).__name__}) needs an example input after the key, as "
+            "model.apply takes it: jp.apply(peft, model, key, example_batch, params=params) (only its shapes are used)"
+        )
     methods = methods_of(peft)
     prompts = model_methods(peft)
     if prompts:
@@ -297,12 +303,35 @@ def apply_linen(
         if extends and model_level.has_decode(module):
             raise model_level.decode_error(path, module)
 
-    layers = _discover(model, params, args, kwargs, on_call=refuse_decode)
+    try:
+        layers = _discover(model, params, args, kwargs, on_call=refuse_decode)
+    except (flax.errors.ScopeParamShapeError, flax.errors.ScopeParamNotFoundError) as e:
+        raise _params_mismatch(model, params, args, kwargs) or e from None
     placements = plan(peft, layers, WRAPPABLE)
     new = init_params(placements, peft_key, params)
     if prompts:
         new = init_model_params(prompts, model, peft_key, new)
     return PeftLinen(model, peft, placements, layers), new
+
+
+def _params_mismatch(model: nn.Module, params: Any, args: tuple, kwargs: dict) -> ValueError | None:
+    """The leaves where ``params`` differ from what ``model.init`` makes (shapes only, no FLOP), as an error."""
+    from jaxpeft.tree import fingerprint
+
+    expected = fingerprint(jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))["params"])
+    got = fingerprint(params)
+    lines = [f"{p!r}: missing (the model has shape {tuple(expected[p]['shape'])})" for p in expected if p not in got]
+    lines += [
+        f"{p!r}: shape {tuple(got[p]['shape'])}, the model makes {tuple(expected[p]['shape'])}"
+        for p in expected
+        if p in got and tuple(got[p]["shape"]) != tuple(expected[p]["shape"])
+    ]
+    if not lines:
+        return None
+    return ValueError(
+        f"the base params do not fit {type(model).__name__} (params of another model size or config?); "
+        f"{len(lines)} leaves differ: " + "; ".join(lines[:6]) + ("; ..." if len(lines) > 6 else "")
+    )
 
 
 def init_model_params(methods: tuple[Transform, ...], model: nn.Module, key: jax.Array, params: dict) -> dict:

@@ -419,6 +419,7 @@ def quantize_nnx(model: nnx.Module, **kwargs: Any) -> nnx.Module:
 
 def peft_layers(model: nnx.Module) -> Iterator[tuple[tuple, PeftLayer]]:
     """``(graph path, layer)`` for every ``PeftLayer`` in ``model``."""
+    _require_nnx(model, "peft_layers")
     for path, node in nnx.iter_graph(model):
         if isinstance(node, PeftLayer):
             yield tuple(path), node
@@ -447,6 +448,14 @@ def adapter_names(model: nnx.Module) -> tuple[str, ...]:
     methods = [m for _, layer in peft_layers(model) for m in layer.methods]
     methods += [m for root in _prompt_models(model) for m in root.peft_model_methods]
     return tuple(dict.fromkeys(adapter_of(m) for m in methods))
+
+
+def _require_nnx(model: Any, what: str) -> None:
+    if not isinstance(model, nnx.Module):
+        raise TypeError(
+            f"jp.{what} works on NNX models; got {type(model).__name__}. A Linen PeftLinen takes it per call: "
+            "peft_model.apply(params, x, adapters=[...], adapter_ids=...)"
+        )
 
 
 @contextlib.contextmanager
@@ -486,6 +495,7 @@ def mixed_adapters(model: nnx.Module, adapters: Adapters, adapter_ids: jax.Array
 
     Usable inside ``nnx.jit`` (enter it in the jitted function, with ``adapter_ids`` an argument).
     """
+    _require_nnx(model, "mixed_adapters")
     names = check_mixed(adapters, adapter_ids, adapter_names(model))
     return _setting(model, mixed_adapters=names, adapter_ids=adapter_ids)
 

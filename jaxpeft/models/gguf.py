@@ -44,10 +44,6 @@ _BLOCK_TENSORS = {
     "ffn_down.weight": ("mlp/down/kernel", "linear"),
     "post_ffw_norm.weight": ("post_mlp_norm/scale", "norm"),
 }
-_TOP_TENSORS = {
-    "token_embd.weight": ("embed/embedding", "embed"),
-    "output_norm.weight": ("final_norm/scale", "norm"),
-}
 
 
 class GGUFError(ValueError):
@@ -312,7 +308,8 @@ def hf_gemma3_checkpoint(config: GemmaConfig, params: Any) -> tuple[dict, dict]:
         "hidden_size": c.d_model, "intermediate_size": c.d_ff, "num_hidden_layers": c.num_layers,
         "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
         "rms_norm_eps": c.rms_norm_eps, "sliding_window": c.sliding_window, "layer_types": layer_types,
-        "query_pre_attn_scalar": _int_if_whole(c.query_pre_attn_scalar or c.head_dim), "max_position_embeddings": c.max_seq_len,
+        "query_pre_attn_scalar": _int_if_whole(c.query_pre_attn_scalar or c.head_dim),
+        "max_position_embeddings": c.max_seq_len,
         "final_logit_softcapping": c.final_logit_softcap, "attn_logit_softcapping": c.attn_logit_softcap,
         "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
         "rope_theta": c.rope_base, "rope_local_base_freq": c.rope_local_base,
