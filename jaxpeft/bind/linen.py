@@ -39,6 +39,7 @@ from jaxpeft.bind import quantized
 from jaxpeft.bind.quantized import is_quantized
 from jaxpeft.bind.select import Adapters, adapter_of, check_mixed, mixed_call, resolve
 from jaxpeft.methods.site import Site, dense_general_equation
+from jaxpeft.tree import get_path
 from jaxpeft.transform import Transform, methods_of
 
 WRAPPABLE = "Dense, DenseGeneral or Einsum"
@@ -236,15 +237,14 @@ class PeftLinen:
                     raise KeyError(f"params lack {missing} at {placement.site.path!r}: were they dropped or renamed?")
                 return site_params
 
+            site = placement.site.unstacked()  # inside nn.scan / nn.vmap the layer sees one slice
             if adapter_ids is not None:
-                return mixed_call(methods, params_of, placement.site, x, fn, names, adapter_ids)
+                return mixed_call(methods, params_of, site, x, fn, names, adapter_ids)
             for m in methods:
                 wants_rng = getattr(m, "dropout", 0.0) > 0.0 and module.has_rng("dropout")
                 rng = module.make_rng("dropout") if wants_rng else None
                 shared = params[SHARED][shared_key(m)] if getattr(m, "shared_names", ()) else None
-                fn = functools.partial(
-                    m.apply_site, params_of(m), placement.site, base_fn=fn, rng=rng, base=base, shared=shared
-                )
+                fn = functools.partial(m.apply_site, params_of(m), site, base_fn=fn, rng=rng, base=base, shared=shared)
             return fn(x)
 
         with nn.intercept_methods(intercept):
@@ -259,6 +259,18 @@ def _group(params: Mapping, method: Transform) -> Mapping:
             f"params lack the top-level {method.group!r} of {type(method).__name__}: were they dropped or renamed?"
         )
     return params[method.group]
+
+
+def _with_stacks(layers: tuple[Layer, ...], params: Mapping) -> tuple[Layer, ...]:
+    """Layers inside ``nn.scan`` / ``nn.vmap`` get the site of their whole stack (``bound.stacked_site``)."""
+    out = []
+    for layer in layers:
+        if layer.site is not None:
+            node = get_path(params, layer.path)
+            stored = node[layer.site.kernel_name]
+            layer = dataclasses.replace(layer, site=bound_ops.stacked_site(layer.site, stored.shape))
+        out.append(layer)
+    return tuple(out)
 
 
 def init_params(placements: tuple[Placement, ...], key: jax.Array, params: dict) -> dict:
@@ -307,6 +319,7 @@ def apply_linen(
         layers = _discover(model, params, args, kwargs, on_call=refuse_decode)
     except (flax.errors.ScopeParamShapeError, flax.errors.ScopeParamNotFoundError) as e:
         raise _params_mismatch(model, params, args, kwargs) or e from None
+    layers = _with_stacks(layers, params)
     placements = plan(peft, layers, WRAPPABLE)
     new = init_params(placements, peft_key, params)
     if prompts:

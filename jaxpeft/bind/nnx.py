@@ -55,7 +55,7 @@ def _site(path: str, module: nnx.Module) -> tuple[Site | None, str | None]:
     if not isinstance(module, (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)):
         return None, f"not a {WRAPPABLE}"
     kernel = module.kernel.get_value()
-    shape, dtype = tuple(kernel.shape), jax.numpy.dtype(kernel.dtype).name
+    shape, dtype = _layer_kernel_shape(module), jax.numpy.dtype(kernel.dtype).name
     if isinstance(module, nnx.Linear):
         equation = "...i,io->...o"
     elif isinstance(module, nnx.Einsum):
@@ -68,9 +68,21 @@ def _site(path: str, module: nnx.Module) -> tuple[Site | None, str | None]:
             return None, f"LinearGeneral contracts axis={module.axis}; only trailing negative axes are supported"
         equation = dense_general_equation(n, len(shape) - n)
     try:
-        return Site(path, type(module).__name__, equation, shape, dtype), None
+        site = Site(path, type(module).__name__, equation, shape, dtype)
+        # A layer of an nnx.vmap stack stores [L, *kernel]; each call inside nnx.scan sees one slice.
+        return bound_ops.stacked_site(site, kernel.shape), None
     except ValueError as e:
         return None, str(e)
+
+
+def _layer_kernel_shape(module: nnx.Module) -> tuple[int, ...]:
+    """The kernel shape one call of the layer multiplies by (without an ``nnx.vmap`` stack's axes)."""
+    if isinstance(module, nnx.Linear):
+        return (int(module.in_features), int(module.out_features))
+    if isinstance(module, nnx.Einsum):
+        return tuple(int(d) for d in module.kernel_shape)
+    as_tuple = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,)  # noqa: E731
+    return tuple(int(d) for d in (*as_tuple(module.in_features), *as_tuple(module.out_features)))
 
 
 def discover(model: nnx.Module) -> tuple[Layer, ...]:
@@ -167,8 +179,9 @@ class PeftLayer(nnx.Module):
     def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
         fn = lambda x: self._base(x, *args, **kwargs)  # noqa: E731
         params_of = lambda m: {name: getattr(self, name).get_value() for name in m.param_names}  # noqa: E731
+        site = self.site.unstacked()  # inside nnx.scan over an nnx.vmap stack the layer sees one slice
         if self.mixed_adapters is not None:
-            return mixed_call(self.methods, params_of, self.site, x, fn, self.mixed_adapters, self.adapter_ids)
+            return mixed_call(self.methods, params_of, site, x, fn, self.mixed_adapters, self.adapter_ids)
         for m in outermost_last(self.methods):
             if not self.is_active(m):
                 continue
@@ -176,7 +189,7 @@ class PeftLayer(nnx.Module):
             rng = self.rngs.dropout() if use_rng else None
             shared = self.shared[shared_key(m)].values() if getattr(m, "shared_names", ()) else None
             base = _base_params(self.base_layer)
-            fn = functools.partial(m.apply_site, params_of(m), self.site, base_fn=fn, rng=rng, base=base, shared=shared)
+            fn = functools.partial(m.apply_site, params_of(m), site, base_fn=fn, rng=rng, base=base, shared=shared)
         return fn(x)
 
 
@@ -409,11 +422,27 @@ def quantize_nnx(model: nnx.Module, **kwargs: Any) -> nnx.Module:
     """A new graph whose selected kernels are ``QuantizedArray`` Variables; ``model`` is untouched.
 
     Keyword arguments are those of ``jaxpeft.quant.quantize``. The result runs through
-    ``jp.apply`` (which wraps every quantized layer); Flax's layers alone cannot use it.
+    ``jp.apply`` (which wraps every quantized layer); Flax's layers alone cannot use it. Only the
+    ``kernel`` of a layer the binding wraps (``Linear``, ``LinearGeneral``, ``Einsum``) can be
+    dequantized in the forward: any other selected leaf is refused, naming the layer, before any
+    array is quantized (the selection is checked on shapes alone, under ``jax.eval_shape``).
     """
-    from jaxpeft.quant import quantize
+    from jaxpeft.quant import QuantizedArray, quantize
 
     graphdef, state = nnx.split(model)
+    abstract = nnx.merge(graphdef, jax.eval_shape(lambda s: quantize(s, **kwargs), state))
+    wraps = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
+    for path, node in nnx.iter_graph(abstract):
+        if not isinstance(node, nnx.Module):
+            continue
+        for name, var in vars(node).items():
+            if isinstance(var, nnx.Variable) and isinstance(var.get_value(), QuantizedArray):
+                if not (isinstance(node, wraps) and name == "kernel"):
+                    where = "/".join(map(str, (*path, name)))
+                    raise TypeError(
+                        f"jp.quantize would quantize {where!r} ({type(node).__name__}.{name}), which no NNX forward "
+                        f"can dequantize: only the kernel of a {WRAPPABLE} layer runs quantized. Narrow `targets`"
+                    )
     return nnx.merge(graphdef, quantize(state, **kwargs))
 
 
