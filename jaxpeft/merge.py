@@ -27,13 +27,14 @@ def _float(kernel: Any) -> Any:
 
 
 def _layer_base(node: Mapping) -> dict:
-    return {k: node[k] for k in ("kernel", "bias") if k in node}
+    return {k: node[k] for k in ("kernel", "bias", "embedding") if k in node}  # every site kind's base leaves
 
 
 def _merge_linen(peft_model: PeftLinen, params: Mapping, active: frozenset[str]) -> dict:
     for placement in peft_model.placements:
         node = get_path(params, placement.site.path)
-        base = {**_layer_base(node), "kernel": _float(node["kernel"])}
+        name = placement.site.kernel_name  # "embedding" for an Embed
+        base = {**_layer_base(node), name: _float(node[name])}
         names = set()
         for m in placement.methods:
             if adapter_of(m) in active:
@@ -71,9 +72,9 @@ def _layer_with(layer: nnx.Module, base: Mapping[str, Any]) -> nnx.Module:
 
 
 def _nnx_base(layer: PeftLayer) -> dict:
-    base = {k: getattr(layer.base_layer, k).get_value() for k in ("kernel", "bias")
+    base = {k: getattr(layer.base_layer, k).get_value() for k in layer.site.base_names
             if isinstance(getattr(layer.base_layer, k, None), nnx.Variable)}
-    return {**base, "kernel": _float(base["kernel"])}
+    return {**base, layer.site.kernel_name: _float(base[layer.site.kernel_name])}
 
 
 def merge(peft_model: Any, params: Any = None, *, adapters: Adapters = True) -> Any:
@@ -135,7 +136,7 @@ def unmerge(peft_model: Any, merged: Any, adapter: Any = None) -> Any:
         new = copy_graph(peft_model)
         for path, layer in list(peft_layers(new)):
             merged_layer = _get(merged, path)
-            base = {k: getattr(merged_layer, k).get_value() for k in ("kernel", "bias")
+            base = {k: getattr(merged_layer, k).get_value() for k in layer.site.base_names
                     if isinstance(getattr(merged_layer, k, None), nnx.Variable)}
             for m in reversed(layer.methods):
                 base = m.unmerge_site({n: getattr(layer, n).get_value() for n in m.param_names}, base, site=layer.site)

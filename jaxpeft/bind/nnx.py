@@ -33,10 +33,11 @@ from jaxpeft.bind.plan import SHARED, Layer, Placement, model_methods, outermost
 from jaxpeft.bind import quantized
 from jaxpeft.bind.quantized import is_quantized
 from jaxpeft.bind.select import Adapters, adapter_of, check_mixed, mixed_call, resolve
-from jaxpeft.methods.site import Site, dense_general_equation
+from jaxpeft.bind.layers import NNX_WRAPPABLE, nnx_site
+from jaxpeft.methods.site import Site
 from jaxpeft.transform import Transform
 
-WRAPPABLE = "Linear, LinearGeneral or Einsum"
+WRAPPABLE = NNX_WRAPPABLE
 
 
 class PeftParam(nnx.Param):
@@ -48,26 +49,8 @@ def _path_str(path: tuple) -> str:
 
 
 def _site(path: str, module: nnx.Module) -> tuple[Site | None, str | None]:
-    """The site of an NNX layer, or why there is none."""
-    if not isinstance(module, (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)):
-        return None, f"not a {WRAPPABLE}"
-    kernel = module.kernel.get_value()
-    shape, dtype = tuple(kernel.shape), jax.numpy.dtype(kernel.dtype).name
-    if isinstance(module, nnx.Linear):
-        equation = "...i,io->...o"
-    elif isinstance(module, nnx.Einsum):
-        equation = module.einsum_str
-    else:
-        if module.batch_axis:
-            return None, f"LinearGeneral with batch_axis={dict(module.batch_axis)} is not supported"
-        n = len(module.axis)
-        if tuple(module.axis) != tuple(range(-n, 0)):
-            return None, f"LinearGeneral contracts axis={module.axis}; only trailing negative axes are supported"
-        equation = dense_general_equation(n, len(shape) - n)
-    try:
-        return Site(path, type(module).__name__, equation, shape, dtype), None
-    except ValueError as e:
-        return None, str(e)
+    """The site of an NNX layer, or why there is none (``jaxpeft.bind.layers``)."""
+    return nnx_site(path, module)
 
 
 def discover(model: nnx.Module) -> tuple[Layer, ...]:
@@ -92,7 +75,8 @@ def discover(model: nnx.Module) -> tuple[Layer, ...]:
 
 def _base_params(layer: nnx.Module) -> dict[str, Any]:
     """A layer's own ``kernel`` (and ``bias``) values, as methods receive them."""
-    return {k: getattr(layer, k).get_value() for k in ("kernel", "bias") if isinstance(getattr(layer, k, None), nnx.Variable)}
+    names = ("kernel", "bias", "embedding")  # the base leaves of every site kind (Site.base_names)
+    return {k: getattr(layer, k).get_value() for k in names if isinstance(getattr(layer, k, None), nnx.Variable)}
 
 
 class PeftShared(nnx.Module):
@@ -156,7 +140,7 @@ class PeftLayer(nnx.Module):
         return self.active_adapters is None or adapter_of(method) in self.active_adapters
 
     def _base(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-        kernel = self.base_layer.kernel.get_value()
+        kernel = getattr(self.base_layer, self.site.kernel_name).get_value()
         if not is_quantized(kernel):
             return self.base_layer(x, *args, **kwargs)
         return quantized.nnx_call(self.base_layer, x, *args, **kwargs)
@@ -351,7 +335,7 @@ def apply_nnx(peft: Transform, model: nnx.Module, key: jax.Array) -> nnx.Module:
         for layer in layers
         if layer.site is not None
         and layer.path not in placed
-        and is_quantized(layer.module.kernel.get_value())
+        and is_quantized(getattr(layer.module, layer.site.kernel_name).get_value())
         and not isinstance(_get(model, _parts(model, layer.path)), PeftLayer)
     )
     new = copy_graph(model)
@@ -487,7 +471,7 @@ def delete_adapter_nnx(model: nnx.Module, adapter: str) -> nnx.Module:
                 if key in holder:
                     del holder[key]  # the shared leaves go with their adapter
         layer.remove(adapter)
-        if not layer.methods and not is_quantized(layer.base_layer.kernel.get_value()):
+        if not layer.methods and not is_quantized(getattr(layer.base_layer, layer.site.kernel_name).get_value()):
             _set(_get(new, path[:-1]), path[-1], layer.base_layer)
     for path, node in list(nnx.iter_graph(new)):
         if isinstance(node, _PromptModel):
