@@ -21,9 +21,8 @@ from jaxpeft.checkpoint import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointMismatchError,
-    insert,
+    load_adapter,
     load_metadata,
-    prune,
     restore_adapter,
     save_adapter,
 )
@@ -41,6 +40,7 @@ from jaxpeft.ensembling import (
     wise_ft,
     wise_ft_adapter,
 )
+from jaxpeft.generate import GenerateOutput, generate
 from jaxpeft.losses import cross_entropy
 from jaxpeft.merge import merge, unmerge
 from jaxpeft.methods import DoRA, IA3, LoKr, LoRA, Site, dora, ia3, lokr, lora, pissa_to_lora
@@ -66,7 +66,8 @@ from jaxpeft.pruning import (
     nm_mask,
     rewind,
 )
-from jaxpeft.quant import QuantizedArray, quant_summary
+from jaxpeft.paged import offload, paged_train_step
+from jaxpeft.quant import QuantizedArray, qmatmul_blockwise, quant_summary
 from jaxpeft.sharding import ShardingError, check_specs, optimizer_specs, param_axes, peft_specs, shardings
 from jaxpeft.task_arithmetic import (
     add_weighted_adapters,
@@ -85,10 +86,12 @@ from jaxpeft.tree import (
     SelectorError,
     combine,
     fingerprint,
+    insert,
     leaves_with_paths,
     mask,
     partition,
     paths,
+    prune,
     select,
     summary,
 )
@@ -104,6 +107,7 @@ __all__ = [
     "Compacter",
     "DoRA",
     "EarlyStopping",
+    "GenerateOutput",
     "IA3",
     "LoKr",
     "LoRA",
@@ -142,11 +146,15 @@ __all__ = [
     "decay_mask",
     "delete_adapter",
     "dequantize",
+    "offload",
+    "paged_train_step",
+    "qmatmul_blockwise",
     "distillation_loss",
     "dora",
     "evaluate",
     "fingerprint",
     "fit",
+    "generate",
     "fold",
     "greedy_soup",
     "houlsby",
@@ -154,6 +162,7 @@ __all__ = [
     "insert",
     "iterative_magnitude_pruning",
     "leaves_with_paths",
+    "load_adapter",
     "load_metadata",
     "lokr",
     "lora",

@@ -16,13 +16,13 @@ from typing import Any
 import flax
 import jax
 
-from jaxpeft.bind.linen import WRAPPABLE, PeftLinen, init_params
+from jaxpeft.bind import bound as bound_ops
+from jaxpeft.bind.linen import WRAPPABLE, PeftLinen
 from jaxpeft.bind.nnx import apply_nnx, delete_adapter_nnx
 from jaxpeft.bind.nnx import adapter_names as _nnx_adapter_names
-from jaxpeft.bind.plan import SHARED, Placement, plan, shared_key
+from jaxpeft.bind.plan import plan
 from jaxpeft.bind.select import adapter_of, resolve
 from jaxpeft.transform import Chain, Transform, chain, methods_of
-from jaxpeft.tree import delete_path
 
 
 def adapter_names(peft_model: Any) -> tuple[str, ...]:
@@ -55,13 +55,9 @@ def add_adapter(peft_model: Any, transform: Transform, key: jax.Array, params: A
             raise TypeError("add_adapter(PeftLinen, transform, key, params): params are required for a Linen model")
         existing = {p.site.path: [n for m in p.methods for n in m.param_names] for p in peft_model.placements}
         added = plan(transform, peft_model.layers, WRAPPABLE, existing)
-        methods = {p.site.path: p.methods for p in peft_model.placements}
-        sites = {p.site.path: p.site for p in (*peft_model.placements, *added)}
-        for p in added:
-            methods[p.site.path] = methods.get(p.site.path, ()) + p.methods
-        placements = tuple(Placement(sites[path], ms) for path, ms in methods.items())
-        model = dataclasses.replace(peft_model, peft=chain(peft_model.peft, transform), placements=placements)
-        return model, init_params(added, key, params)
+        bound = bound_ops.add(peft_model.bound(params), added, key)
+        model = dataclasses.replace(peft_model, peft=chain(peft_model.peft, transform), placements=bound.placements)
+        return model, bound.params
     if isinstance(peft_model, flax.nnx.Module):
         return apply_nnx(transform, peft_model, key)
     raise TypeError(f"add_adapter expects a PeftLinen or an NNX model from jp.apply, got {type(peft_model).__name__}")
@@ -77,20 +73,11 @@ def delete_adapter(peft_model: Any, adapter: str, params: Any = None) -> Any:
         resolve([adapter], peft_model.adapter_names)
         if params is None:
             raise TypeError("delete_adapter(PeftLinen, name, params): params are required for a Linen model")
-        placements, gone = [], []
-        for p in peft_model.placements:
-            keep = tuple(m for m in p.methods if adapter_of(m) != adapter)
-            gone += [(p.site.path, n) for m in p.methods if adapter_of(m) == adapter for n in m.param_names]
-            if keep:
-                placements.append(Placement(p.site, keep))
-        for path, name in gone:
-            params = delete_path(params, (*path.split("/"), name))
-        for key in {shared_key(m) for p in peft_model.placements for m in p.methods if adapter_of(m) == adapter}:
-            if key in params.get(SHARED, {}):
-                params = delete_path(params, (SHARED, key))  # the shared leaves go with their adapter
+        bound = bound_ops.delete(peft_model.bound(params), adapter)
         remaining = tuple(m for m in methods_of(peft_model.peft) if adapter_of(m) != adapter)
-        model = dataclasses.replace(peft_model, peft=Chain(remaining), placements=tuple(placements))
-        return model, params
+        placements = tuple(p for p in bound.placements if p.methods)
+        model = dataclasses.replace(peft_model, peft=Chain(remaining), placements=placements)
+        return model, bound.params
     if isinstance(peft_model, flax.nnx.Module):
         return delete_adapter_nnx(peft_model, adapter)
     raise TypeError(f"delete_adapter expects a PeftLinen or an NNX model from jp.apply, got {type(peft_model).__name__}")

@@ -1,4 +1,4 @@
-"""The ``jaxpeft`` command: ``jaxpeft demo`` and ``jaxpeft bench``."""
+"""The ``jaxpeft`` command: ``jaxpeft demo``, ``jaxpeft bench`` and ``jaxpeft convert``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ USAGE = """usage: jaxpeft <command> [options]
 commands:
   demo    pretrain a small LM, LoRA-adapt it to a new domain, save/restore/merge the adapter
   bench   run a benchmark from benchmarks/ (jaxpeft bench --list)
+  convert adapter formats: `jaxpeft convert to-peft SRC DST` / `jaxpeft convert from-peft SRC DST` (HF PEFT)
 """
 
 
@@ -26,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
         from jaxpeft.bench import main as bench
 
         return bench(rest)
+    if command == "convert":
+        from jaxpeft.interop.convert import main as convert
+
+        return convert(rest)
     print(f"jaxpeft: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -3,78 +3,21 @@
 ``merge`` returns base-shaped parameters (Linen) or a plain module graph (NNX) in which each
 wrapped kernel holds its update (``W + s A B`` for LoRA) and the PEFT leaves are gone.
 ``unmerge`` is its inverse: ``unmerge(m, merge(m, p), adapter) == p`` to float tolerance.
-Inputs are never modified.
+Inputs are never modified. Both are written once, over the bound-model representation
+(``jaxpeft.bind.bound``); the bindings only convert to and from it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from flax import nnx
 
+from jaxpeft.bind import bound as bound_ops
+from jaxpeft.bind import nnx as nnx_binding
 from jaxpeft.bind.linen import PeftLinen
-from jaxpeft.bind.nnx import PeftLayer, _get, _set, adapter_names, copy_graph, peft_layers
-from jaxpeft.bind.plan import SHARED
-from jaxpeft.bind.select import Adapters, adapter_of, resolve
-from jaxpeft.tree import get_path, set_path
-from jaxpeft.quant import QuantizedArray, dequantize, dequantize_array
-
-
-def _float(kernel: Any) -> Any:
-    # A merged kernel is a float kernel: W + s A B cannot stay on the 4-bit grid.
-    return dequantize_array(kernel) if isinstance(kernel, QuantizedArray) else kernel
-
-
-def _layer_base(node: Mapping) -> dict:
-    return {k: node[k] for k in ("kernel", "bias", "embedding") if k in node}  # every site kind's base leaves
-
-
-def _merge_linen(peft_model: PeftLinen, params: Mapping, active: frozenset[str]) -> dict:
-    for placement in peft_model.placements:
-        node = get_path(params, placement.site.path)
-        name = placement.site.kernel_name  # "embedding" for an Embed
-        base = {**_layer_base(node), name: _float(node[name])}
-        names = set()
-        for m in placement.methods:
-            if adapter_of(m) in active:
-                base = m.merge_site({n: node[n] for n in m.param_names}, base, site=placement.site)
-            names.update(m.param_names)
-        merged = {k: v for k, v in node.items() if k not in names}
-        merged.update(base)
-        params = set_path(params, placement.site.path.split("/"), merged)
-    return dequantize({k: v for k, v in params.items() if k != SHARED})
-
-
-def _unmerge_linen(peft_model: PeftLinen, merged: Mapping, adapter: Mapping) -> dict:
-    params = dict(merged)
-    if SHARED in adapter:
-        params[SHARED] = adapter[SHARED]
-    for placement in peft_model.placements:
-        node = dict(get_path(merged, placement.site.path))
-        leaves = get_path(adapter, placement.site.path)
-        base = _layer_base(node)
-        for m in reversed(placement.methods):
-            site_params = {n: leaves[n] for n in m.param_names}
-            base = m.unmerge_site(site_params, base, site=placement.site)
-            node.update(site_params)
-        node.update(base)
-        params = set_path(params, placement.site.path.split("/"), node)
-    return params
-
-
-def _layer_with(layer: nnx.Module, base: Mapping[str, Any]) -> nnx.Module:
-    """A copy of ``layer`` sharing its Variables except new ``kernel`` / ``bias`` ones."""
-    new = nnx.merge(*nnx.split(layer))
-    for name, value in base.items():
-        setattr(new, name, getattr(new, name).replace(value=value))
-    return new
-
-
-def _nnx_base(layer: PeftLayer) -> dict:
-    base = {k: getattr(layer.base_layer, k).get_value() for k in layer.site.base_names
-            if isinstance(getattr(layer.base_layer, k, None), nnx.Variable)}
-    return {**base, layer.site.kernel_name: _float(base[layer.site.kernel_name])}
+from jaxpeft.bind.plan import Placement
+from jaxpeft.bind.select import Adapters
 
 
 def merge(peft_model: Any, params: Any = None, *, adapters: Adapters = True) -> Any:
@@ -87,43 +30,48 @@ def merge(peft_model: Any, params: Any = None, *, adapters: Adapters = True) -> 
     Returns:
       Linen: a params tree of the base model's structure. NNX: a new module graph with plain
       layers (the input model keeps working unchanged). Quantized kernels come back as float
-      kernels of their original dtype (a QLoRA model merges into a float model).
+      kernels of their original dtype (a QLoRA model merges into a float model). An active soft
+      prompt is an error in both bindings: it is not a kernel update.
     """
     if isinstance(peft_model, PeftLinen):
         if params is None:
             raise TypeError("merge(PeftLinen, params): params are required for a Linen model")
-        active = resolve(adapters, peft_model.adapter_names)
-        prompts = [type(m).__name__ for m in peft_model.model_methods if adapter_of(m) in active]
-        if prompts:
-            # The plain Linen model cannot carry virtual tokens: merging would silently drop them.
-            raise ValueError(f"cannot merge {prompts} into base-shaped params: soft prompts are not kernel updates; "
-                             "merge the other adapters with merge(..., adapters=[...]) and keep the prompt model")
-        return _merge_linen(peft_model, params, active)
+        return bound_ops.merge(peft_model.bound(params), adapters)
     if isinstance(peft_model, nnx.Module):
         if params is not None:
             raise TypeError("merge(nnx_model): an NNX model holds its own parameters; pass no params")
-        active = resolve(adapters, adapter_names(peft_model))
-        new = copy_graph(peft_model)
-        for path, layer in list(peft_layers(new)):
-            base = _nnx_base(layer)
-            for m in layer.methods:
-                if adapter_of(m) in active:
-                    base = m.merge_site({n: getattr(layer, n).get_value() for n in m.param_names}, base, site=layer.site)
-            _set(_get(new, path[:-1]), path[-1], _layer_with(layer.base_layer, base))
-        if hasattr(new, SHARED):
-            delattr(new, SHARED)
-        return new
+        bound = nnx_binding.read(peft_model)
+        merged = bound_ops.merge(bound, adapters)
+        plain = tuple(Placement(p.site, ()) for p in bound.placements)
+        return nnx_binding.write(peft_model, bound_ops.Bound(plain, (), merged))
     raise TypeError(f"merge expects a PeftLinen or an NNX module from jp.apply, got {type(peft_model).__name__}")
 
 
-def unmerge(peft_model: Any, merged: Any, adapter: Any = None) -> Any:
+def _nnx_leaves(peft_model: nnx.Module, adapter: Any) -> dict:
+    """The PEFT leaves to take out: those ``peft_model`` holds, or ``adapter``'s (a model or an ``nnx.State``)."""
+    if adapter is None:
+        return nnx_binding.read(peft_model).params
+    if isinstance(adapter, nnx.Module):
+        return nnx_binding.read(adapter).params
+    if isinstance(adapter, nnx.State):
+        view = nnx_binding.copy_graph(peft_model)
+        nnx.update(view, adapter)
+        return nnx_binding.read(view).params
+    raise TypeError(f"unmerge(nnx_model, merged, adapter): adapter must be None, an NNX model from jp.apply or an "
+                    f"nnx.State of its PEFT leaves (nnx.state(model, jp.PeftParam)); got {type(adapter).__name__}")
+
+
+def unmerge(peft_model: Any, merged: Any, adapter: Any = None, *, adapters: Adapters = True) -> Any:
     """Take PEFT updates back out of merged kernels: the inverse of ``merge``.
 
     Args:
-      peft_model: Linen: the ``PeftLinen``; NNX: a model from ``jp.apply`` whose PEFT leaves
-        are the update to take out.
+      peft_model: the ``PeftLinen`` or the NNX model from ``jp.apply``.
       merged: Linen: merged params; NNX: the merged module from ``merge``.
-      adapter: Linen only: a tree holding the PEFT leaves (e.g. the trainable partition).
+      adapter: the PEFT leaves whose update to take out. Linen: a tree holding them (e.g. the
+        trainable partition), required. NNX: None (the leaves ``peft_model`` holds), another model
+        from ``jp.apply`` of the same structure, or an ``nnx.State`` of its ``PeftParam`` leaves.
+      adapters: which adapters ``merged`` holds (as given to ``merge``); the others are restored as
+        they are, their updates not subtracted.
     Returns:
       Linen: params with base kernels and PEFT leaves. NNX: a PEFT model whose base kernels
       are ``merged``'s kernels with the update removed.
@@ -131,15 +79,16 @@ def unmerge(peft_model: Any, merged: Any, adapter: Any = None) -> Any:
     if isinstance(peft_model, PeftLinen):
         if adapter is None:
             raise TypeError("unmerge(PeftLinen, merged, adapter): the adapter leaves are required")
-        return _unmerge_linen(peft_model, merged, adapter)
+        return bound_ops.unmerge(peft_model.bound(adapter), merged, adapters)
     if isinstance(peft_model, nnx.Module):
-        new = copy_graph(peft_model)
-        for path, layer in list(peft_layers(new)):
-            merged_layer = _get(merged, path)
-            base = {k: getattr(merged_layer, k).get_value() for k in layer.site.base_names
-                    if isinstance(getattr(merged_layer, k, None), nnx.Variable)}
-            for m in reversed(layer.methods):
-                base = m.unmerge_site({n: getattr(layer, n).get_value() for n in m.param_names}, base, site=layer.site)
-            layer.base_layer = _layer_with(layer.base_layer, base)
-        return new
+        bound = nnx_binding.read(peft_model)
+        leaves = _nnx_leaves(peft_model, adapter)
+        merged_tree: dict = {}
+        for p in bound.placements:
+            layer = nnx_binding._get(merged, nnx_binding._parts(merged, p.site.path))
+            if isinstance(layer, nnx_binding.PeftLayer):
+                layer = layer.base_layer
+            merged_tree = bound_ops.set_path(merged_tree, p.site.path.split("/"), nnx_binding._base_params(layer))
+        params = bound_ops.unmerge(bound_ops.Bound(bound.placements, bound.prompts, leaves), merged_tree, adapters)
+        return nnx_binding.write(peft_model, bound_ops.Bound(bound.placements, bound.prompts, params))
     raise TypeError(f"unmerge expects a PeftLinen or an NNX module from jp.apply, got {type(peft_model).__name__}")

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 import optax
 
+from jaxpeft.tree import variable_value
 from jaxpeft.tree import (
     Selector,
     SelectorError,
@@ -63,9 +64,7 @@ def _is_variable(x: Any) -> bool:
 
 def _array(x: Any) -> Any:
     """The array inside an NNX Variable (or the leaf itself)."""
-    if _is_variable(x):
-        return x.get_value() if hasattr(x, "get_value") else x.value
-    return x
+    return variable_value(x)
 
 
 def decay_selector(exclude: Selector = NO_DECAY, min_ndim: int = 2) -> Callable[[str, Any], bool]:

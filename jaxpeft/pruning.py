@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxpeft.tree import Selector, describe, leaves_with_paths, path_to_str, select
+from jaxpeft.tree import Selector, describe, leaves_with_paths, path_to_str, select, variable_value
 
 __all__ = [
     "default_targets",
@@ -76,9 +76,7 @@ def _whole(x: Any) -> bool:
 
 
 def _array(x: Any) -> Any:
-    if _is_variable(x):
-        return x.get_value() if hasattr(x, "get_value") else x.value
-    return x
+    return variable_value(x)
 
 
 def _is_float_array(x: Any) -> bool:

@@ -43,6 +43,7 @@ from jaxpeft.ensembling import (
     check_compatible,
 )
 from jaxpeft.methods.lora import LoRA
+from jaxpeft.tree import variable_value
 
 __all__ = [
     "task_vector",
@@ -476,8 +477,7 @@ _COMBINATIONS = ("cat", "svd", "linear")
 
 
 def _unwrap(x: Any) -> Any:
-    # NNX Variables (PeftParam) hold the array in .value
-    return x.get_value() if hasattr(x, "get_value") and not isinstance(x, jax.Array) else x
+    return variable_value(x)  # NNX Variables (PeftParam) hold the array
 
 
 def _factor_names(config: LoRA) -> tuple[str, str]:

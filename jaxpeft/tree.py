@@ -43,6 +43,9 @@ __all__ = [
     "select",
     "partition",
     "combine",
+    "insert",
+    "prune",
+    "variable_value",
     "nearest_paths",
     "fingerprint",
     "ParamSummary",
@@ -62,6 +65,28 @@ def _is_nnx_variable(x: Any) -> bool:
     except ImportError:  # pragma: no cover - flax is a core dependency
         return False
     return isinstance(x, nnx.Variable)
+
+
+def variable_value(x: Any) -> Any:
+    """The array an NNX ``Variable`` holds; any other value unchanged. The one place that reads it."""
+    return x.get_value() if _is_nnx_variable(x) else x
+
+
+def _is_nnx_state(x: Any) -> bool:
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover - flax is a core dependency
+        return False
+    return isinstance(x, nnx.State)
+
+
+def _pure(tree: Any) -> Any:
+    """An NNX ``State`` as its pure dict (values, not Variables); anything else unchanged."""
+    if not _is_nnx_state(tree):
+        return tree
+    from flax import nnx
+
+    return nnx.to_pure_dict(tree)
 
 
 def key_to_str(key: Any) -> str:
@@ -252,8 +277,7 @@ def combine(*trees: Any) -> Any:
 
 
 def _shape_dtype(x: Any) -> tuple[tuple[int, ...], str]:
-    if _is_nnx_variable(x):
-        x = x.get_value()
+    x = variable_value(x)
     dtype = np.dtype(x.dtype).name if hasattr(x, "dtype") else type(x).__name__
     return tuple(np.shape(x)), dtype
 
@@ -273,16 +297,14 @@ def fingerprint(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> dict
 
 
 def _nbytes(x: Any) -> int:
-    if _is_nnx_variable(x):
-        x = x.get_value()
+    x = variable_value(x)
     if hasattr(x, "nbytes"):
         return int(x.nbytes)
     return int(np.size(x) * np.dtype(getattr(x, "dtype", np.float32)).itemsize)
 
 
 def _numel(x: Any) -> int:
-    if _is_nnx_variable(x):
-        x = x.get_value()
+    x = variable_value(x)
     return int(getattr(x, "num_params", None) or np.size(x))
 
 
@@ -372,6 +394,116 @@ def summary(
         row[2] += b if on else 0
         row[3] += b
     return ParamSummary(tuple((g, *r) for g, r in groups.items()))
+
+
+# Tree surgery: prune holes, insert a subset back. Each returns a new tree; neither input is mutated.
+
+
+def _plain_key(key: Any) -> Any:
+    """A jax key-path entry as the dict key, sequence index or attribute name it stands for."""
+    for attr in ("key", "idx", "name"):
+        if hasattr(key, attr):
+            return getattr(key, attr)
+    return key
+
+
+def prune(tree: Any) -> dict:
+    """The leaves of ``tree`` as nested dicts keyed by their path components, holes dropped.
+
+    ``None`` holes (from ``partition``) and the containers they leave empty are dropped; lists
+    and tuples become dicts keyed by index; an NNX ``State`` becomes its pure dict and NNX
+    Variables their values. This is the structure ``restore_adapter`` returns.
+
+    Example: ``prune({"a": {"w": x, "b": None}, "c": [None]}) == {"a": {"w": x}}``.
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        _pure(tree), is_leaf=lambda x: x is None or _is_nnx_variable(x)
+    )
+    out: dict = {}
+    for keypath, leaf in flat:
+        leaf = variable_value(leaf)
+        if leaf is None or not keypath:
+            continue
+        node = out
+        keys = [_plain_key(k) for k in keypath]
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = leaf
+    return out
+
+
+def insert(params: Any, adapter: Any) -> Any:
+    """``params`` with the leaves of ``adapter`` added or replaced: a deep merge of nested dicts.
+
+    ``params`` may be the base params (adapter leaves are added), the full params (they are
+    replaced) or the frozen part from ``partition`` (its ``None`` holes are filled). Every other
+    leaf of ``params`` is kept as it is; neither input is mutated. Lists / tuples in ``params``
+    take dict entries keyed by index. ``None`` in ``adapter`` keeps the ``params`` value, so
+    ``insert(frozen, trainable)`` works like ``combine`` too. ``FrozenDict`` params come back as
+    ``FrozenDict``; an NNX ``State`` as its pure dict.
+
+    Raises:
+      ValueError: an adapter leaf would replace a subtree (or the reverse), an index is out of
+        range, or a replaced leaf has another shape; the message names the path.
+    """
+    return _insert(_pure(params), _pure(adapter), ())
+
+
+def _is_container(x: Any) -> bool:
+    return isinstance(x, (Mapping, list, tuple))
+
+
+def _insert(p: Any, a: Any, keys: tuple) -> Any:
+    where = "/".join(str(k) for k in keys) or "<root>"
+    if a is None:
+        return p
+    if not _is_container(a):  # an adapter leaf
+        if _is_container(p):
+            raise ValueError(f"adapter leaf at {where!r} would replace a {type(p).__name__} subtree of params")
+        if p is not None and hasattr(p, "shape") and hasattr(a, "shape") and tuple(p.shape) != tuple(a.shape):
+            raise ValueError(f"adapter leaf at {where!r} has shape {tuple(a.shape)}, params {tuple(p.shape)}")
+        return a
+    entries = a.items() if isinstance(a, Mapping) else enumerate(a)
+    if p is None:
+        p = {}
+    if isinstance(p, Mapping):
+        merged = dict(p)
+        for k, v in entries:
+            merged[k] = _insert(merged.get(k), v, (*keys, k))
+        return _frozen_dict(merged) if _is_frozen_dict(p) else merged
+    if isinstance(p, (list, tuple)):
+        merged_list = list(p)
+        for k, v in entries:
+            i = _index(k, len(merged_list), where)
+            merged_list[i] = _insert(merged_list[i], v, (*keys, k))
+        if isinstance(p, tuple):
+            return type(p)(*merged_list) if hasattr(p, "_fields") else type(p)(merged_list)
+        return merged_list
+    raise ValueError(f"adapter has a subtree at {where!r} but params has a {type(p).__name__} leaf there")
+
+
+def _is_frozen_dict(p: Any) -> bool:
+    try:
+        from flax.core import FrozenDict
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(p, FrozenDict)
+
+
+def _frozen_dict(d: dict) -> Any:
+    from flax.core import FrozenDict
+
+    return FrozenDict(d)
+
+
+def _index(k: Any, n: int, where: str) -> int:
+    try:
+        i = int(k)
+    except (TypeError, ValueError):
+        raise ValueError(f"params at {where!r} is a sequence; adapter key {k!r} is not an index") from None
+    if not 0 <= i < n:
+        raise ValueError(f"adapter index {i} at {where!r} is out of range for a sequence of {n}")
+    return i
 
 
 # Nested-dict surgery used by the bindings, merge and adapter management. Each returns a new

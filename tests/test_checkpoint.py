@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -14,11 +16,14 @@ from flax import nnx
 from flax.core import FrozenDict
 
 from jaxpeft import checkpoint as ckpt
+from jaxpeft.checkpoint import api, arrays, atomic, integrity
+from jaxpeft.checkpoint.format import metadata_digest
 from jaxpeft import tree as jt
 from jaxpeft.checkpoint import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointMismatchError,
+    CheckpointRecoveredWarning,
     insert,
     load_metadata,
     prune,
@@ -283,20 +288,22 @@ def _fail(*args, **kwargs):
     raise OSError(28, "No space left on device")
 
 
-@pytest.mark.parametrize("stage", ["_write_arrays", "_verify", "rename_in"])
+@pytest.mark.parametrize("stage", ["write_arrays", "verify", "rename_in"])
 def test_failed_overwrite_keeps_the_old_checkpoint(tmp_path, monkeypatch, stage):
     path = save_adapter(tmp_path / "ckpt", {"a": jnp.ones(2)}, config={"version": "old"})
     if stage == "rename_in":  # fail when the new checkpoint is moved in, after the old one moved aside
         real_rename = os.rename
 
         def rename(src, dst):
-            if ckpt._TMP_TAG in os.fspath(src):
+            if atomic.TMP_TAG in os.fspath(src):
                 _fail()
             return real_rename(src, dst)
 
         monkeypatch.setattr(os, "rename", rename)
+    elif stage == "write_arrays":
+        monkeypatch.setattr(arrays, "write_arrays", _fail)
     else:
-        monkeypatch.setattr(ckpt, stage, _fail)
+        monkeypatch.setattr(api, "_verify", _fail)
     with pytest.raises(OSError, match="No space left"):
         save_adapter(path, {"a": jnp.zeros(2)}, config={"version": "new"}, overwrite=True)
     monkeypatch.undo()
@@ -307,18 +314,49 @@ def test_failed_overwrite_keeps_the_old_checkpoint(tmp_path, monkeypatch, stage)
 
 
 def test_failed_first_save_leaves_no_directory(tmp_path, monkeypatch):
-    monkeypatch.setattr(ckpt, "_verify", _fail)
+    monkeypatch.setattr(api, "_verify", _fail)
     with pytest.raises(OSError):
         save_adapter(tmp_path / "ckpt", {"a": jnp.ones(2)})
     assert list(tmp_path.iterdir()) == []
 
 
-def test_interrupted_overwrite_is_reported_with_the_old_copy(tmp_path):
-    path = save_adapter(tmp_path / "ckpt", {"a": jnp.ones(2)})
-    aside = tmp_path / f".ckpt{ckpt._OLD_TAG}0123"
-    os.rename(path, aside)  # a process killed between "old aside" and "new in"
-    with pytest.raises(CheckpointError, match=str(aside)):
+def _interrupt_overwrite(tmp_path):
+    """The state a kill between an overwrite's two renames leaves: only the old copy, aside."""
+    path = save_adapter(tmp_path / "ckpt", {"a": jnp.ones(2)}, config={"version": "old"})
+    aside = tmp_path / f".ckpt{atomic.OLD_TAG}0123"
+    os.rename(path, aside)
+    return path, aside
+
+
+@pytest.mark.parametrize("reader", [restore_adapter, load_metadata])
+def test_interrupted_overwrite_is_recovered_by_the_next_read(tmp_path, reader):
+    path, aside = _interrupt_overwrite(tmp_path)
+    with pytest.warns(CheckpointRecoveredWarning, match=f"recovered .*{path}.* from {aside.name}"):
+        reader(path)
+    adapter, meta = restore_adapter(path)
+    assert meta["config"] == {"version": "old"}
+    np.testing.assert_array_equal(adapter["a"], np.ones(2))
+    assert hidden_siblings(path) == []
+
+
+def test_interrupted_overwrite_is_recovered_by_the_next_save(tmp_path):
+    path, aside = _interrupt_overwrite(tmp_path)
+    with pytest.warns(CheckpointRecoveredWarning), pytest.raises(FileExistsError, match="already exists"):
+        save_adapter(path, {"a": jnp.zeros(2)})  # the recovered checkpoint exists: not replaced silently
+    assert restore_adapter(path)[1]["config"] == {"version": "old"}
+    os.rename(path, aside)
+    with pytest.warns(CheckpointRecoveredWarning):
+        save_adapter(path, {"a": jnp.zeros(2)}, config={"version": "new"}, overwrite=True)
+    assert restore_adapter(path)[1]["config"] == {"version": "new"}
+    assert hidden_siblings(path) == []
+
+
+def test_half_deleted_old_copy_is_not_recovered(tmp_path):
+    path, aside = _interrupt_overwrite(tmp_path)
+    (aside / ckpt.METADATA_FILE).unlink()  # discard() deletes the metadata first
+    with pytest.raises(CheckpointError, match="not a directory"):
         restore_adapter(path)
+    assert not path.exists()
 
 
 def test_bad_adapter_raises_before_writing(tmp_path):
@@ -344,21 +382,110 @@ def _corruptible_checkpoint(tmp_path):
     return path, max(files, key=lambda f: f.stat().st_size)
 
 
-def test_flipped_byte_in_data_file_fails_the_checksum(tmp_path):
-    path, data_file = _corruptible_checkpoint(tmp_path)
-    raw = bytearray(data_file.read_bytes())
+def _forge_metadata(path):
+    """Make the metadata agree with the (damaged) files again, so the checks behind the file
+    digests are reached: the per-leaf sha256 / sum64 and orbax's own read."""
+    file = path / ckpt.METADATA_FILE
+    meta = json.loads(file.read_text())
+    meta["files"] = integrity.file_digests(path / ckpt.ARRAYS_DIR)
+    meta["metadata_sha256"] = metadata_digest(meta)
+    file.write_text(json.dumps(meta))
+
+
+def _flip_middle_byte(file):
+    raw = bytearray(file.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
-    data_file.write_bytes(bytes(raw))
-    with pytest.raises(CheckpointCorruptError, match=r"big") as info:
+    file.write_bytes(bytes(raw))
+
+
+def test_flipped_byte_in_data_file_is_refused_before_orbax_reads(tmp_path, monkeypatch):
+    path, data_file = _corruptible_checkpoint(tmp_path)
+    _flip_middle_byte(data_file)
+    name = data_file.relative_to(path).as_posix()
+    monkeypatch.setattr(arrays, "_read_arrays", _fail)  # orbax must not even be asked
+    expected = rf"1 of \d+ array files .*nothing was read:\n  {name}: sha256 differs"
+    with pytest.raises(CheckpointCorruptError, match=expected):
+        restore_adapter(path)
+
+
+def test_flipped_byte_behind_forged_file_digests_fails_the_leaf_checksum(tmp_path):
+    path, data_file = _corruptible_checkpoint(tmp_path)
+    _flip_middle_byte(data_file)
+    _forge_metadata(path)
+    with pytest.raises(CheckpointCorruptError, match=r"big: sha256") as info:
         restore_adapter(path)
     assert "small" not in str(info.value)
 
 
-def test_truncated_data_file_names_the_leaf(tmp_path):
+@pytest.mark.parametrize("cut", [1, "half"])
+def test_truncated_data_file_says_by_how_much(tmp_path, cut):
+    path, data_file = _corruptible_checkpoint(tmp_path)
+    size = data_file.stat().st_size
+    keep = size - 1 if cut == 1 else size // 2
+    data_file.write_bytes(data_file.read_bytes()[:keep])
+    name = data_file.relative_to(path).as_posix()
+    expected = rf"{name}: {keep} bytes, saved {size} \(truncated by {size - keep}\)"
+    with pytest.raises(CheckpointCorruptError, match=expected):
+        restore_adapter(path)
+
+
+def test_truncated_data_file_behind_forged_digests_names_the_leaf(tmp_path):
     path, data_file = _corruptible_checkpoint(tmp_path)
     data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
+    _forge_metadata(path)
     with pytest.raises(CheckpointCorruptError, match=r"unreadable leaves: big"):
         restore_adapter(path)
+
+
+def test_deleted_or_grown_array_file_is_refused(tmp_path):
+    path, data_file = _corruptible_checkpoint(tmp_path)
+    name = data_file.relative_to(path).as_posix()
+    with open(data_file, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(CheckpointCorruptError, match=rf"{name}: \d+ bytes, saved \d+ \(grown by 1\)"):
+        restore_adapter(path)
+    data_file.unlink()
+    with pytest.raises(CheckpointCorruptError, match=rf"{name}: missing"):
+        restore_adapter(path)
+
+
+@pytest.mark.parametrize("damage", ["flip one byte", "drop the last byte", "delete"])
+def test_damage_to_any_array_file_is_refused_before_orbax_reads(tmp_path, monkeypatch, damage):
+    # Every file orbax wrote, its metadata and manifests included: before the file digests, a
+    # damaged manifest surfaced as an orbax traceback and a one-byte truncation restored.
+    path, _ = _corruptible_checkpoint(tmp_path)
+    files = sorted(f for f in (path / ckpt.ARRAYS_DIR).rglob("*") if f.is_file())
+    monkeypatch.setattr(arrays, "_read_arrays", _fail)  # orbax must not be asked
+    for file in files:
+        raw = file.read_bytes()
+        if damage == "delete":
+            file.unlink()
+        elif damage == "flip one byte":
+            file.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
+        else:
+            file.write_bytes(raw[:-1])
+        what = {"delete": "missing", "flip one byte": "sha256 differs", "drop the last byte": "truncated by 1"}[damage]
+        with pytest.raises(CheckpointCorruptError, match=re.escape(f"{file.relative_to(path).as_posix()}: ") + ".*" + what):
+            restore_adapter(path)
+        file.write_bytes(raw)
+    monkeypatch.undo()
+    assert restore_adapter(path)[0]["big"].shape == (64, 64)  # everything put back: restores again
+
+
+def test_missing_arrays_directory_is_refused(tmp_path):
+    path, _ = _corruptible_checkpoint(tmp_path)
+    shutil.rmtree(path / ckpt.ARRAYS_DIR)
+    with pytest.raises(CheckpointCorruptError, match=r"arrays/ is missing \(2 stored leaves expected\)"):
+        restore_adapter(path)
+
+
+def test_edited_metadata_is_refused_by_its_digest(tmp_path):
+    path = save_adapter(tmp_path / "ckpt", linen_like_params(), config={"rank": 2})
+    file = path / ckpt.METADATA_FILE
+    meta = json.loads(file.read_text())
+    file.write_text(json.dumps({**meta, "config": {"rank": 3}}))  # valid JSON, valid schema, another config
+    with pytest.raises(CheckpointCorruptError, match="does not match its metadata_sha256"):
+        load_metadata(path)
 
 
 def test_wrong_checksum_in_metadata_names_the_leaf(tmp_path):
@@ -367,7 +494,25 @@ def test_wrong_checksum_in_metadata_names_the_leaf(tmp_path):
     meta = json.loads(file.read_text())
     meta["leaves"][3]["sha256"] = "0" * 64
     file.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointCorruptError, match="metadata_sha256"):
+        restore_adapter(path)
+    meta["metadata_sha256"] = metadata_digest(meta)  # a consistent, wrong metadata file
+    file.write_text(json.dumps(meta))
     with pytest.raises(CheckpointCorruptError, match=meta["leaves"][3]["path"] + ": sha256"):
+        restore_adapter(path)
+
+
+def test_checkpoint_without_file_digests_still_restores_and_checks_leaves(tmp_path):
+    # Checkpoints written before the file digests existed have neither "files" nor "metadata_sha256".
+    path, data_file = _corruptible_checkpoint(tmp_path)
+    file = path / ckpt.METADATA_FILE
+    meta = json.loads(file.read_text())
+    del meta["files"], meta["metadata_sha256"]
+    file.write_text(json.dumps(meta))
+    adapter, _ = restore_adapter(path)
+    assert adapter["big"].shape == (64, 64)
+    _flip_middle_byte(data_file)
+    with pytest.raises(CheckpointCorruptError, match=r"big: sha256"):
         restore_adapter(path)
 
 
@@ -510,14 +655,14 @@ def test_plain_dict_of_nnx_variables_is_saved_by_value(tmp_path):
 
 def test_directory_created_during_save_is_not_replaced(tmp_path, monkeypatch):
     target = tmp_path / "ckpt"
-    real_verify = ckpt._verify
+    real_verify = api._verify
 
-    def verify_then_race(directory, meta):
-        real_verify(directory, meta)
+    def verify_then_race(directory, meta, *args):
+        real_verify(directory, meta, *args)
         target.mkdir()
         (target / "theirs.txt").write_text("someone else's")
 
-    monkeypatch.setattr(ckpt, "_verify", verify_then_race)
+    monkeypatch.setattr(api, "_verify", verify_then_race)
     with pytest.raises(FileExistsError, match="appeared while saving"):
         save_adapter(target, {"a": jnp.ones(2)})
     assert (target / "theirs.txt").read_text() == "someone else's"

@@ -111,7 +111,7 @@ def test_nnx_training_through_split_lowers_loss():
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    from jaxpeft.demo.run import main
+    from jaxpeft.demo.tiny import main  # `jaxpeft demo --model tiny`
 
     code = main(["--steps", "3", "--pretrain-steps", "3", "--cache-dir", str(tmp_path / "cache"),
                  "--out", str(tmp_path / "adapter"), "--no-progress"])

@@ -144,9 +144,10 @@ def test_blockwise_matmul_cuts_kernels_into_row_blocks_and_matches_numpy(dtype):
 
     # dx of sum(g * x W) is g W^T: check it against NumPy on the same dequantized kernel
     g = rng.normal(size=(BATCH, WIDTH)).astype(np.float32)
-    dx = jax.grad(lambda x: jnp.sum(jnp.asarray(g, dtype) * quant.qmatmul_blockwise(x, qs[0], block_bytes=block_bytes)))(
-        jnp.asarray(x, dtype)
-    )
+    def gy(x):
+        return jnp.sum(jnp.asarray(g, dtype) * quant.qmatmul_blockwise(x, qs[0], block_bytes=block_bytes))
+
+    dx = jax.grad(gy)(jnp.asarray(x, dtype))
     ref_dx = np.asarray(jnp.asarray(g, dtype), np.float64) @ dense[0].T
     np.testing.assert_allclose(np.asarray(dx, np.float64), ref_dx, rtol=tol, atol=tol * np.abs(ref_dx).max())
 

@@ -49,11 +49,11 @@ def _per_axis(value: Any, n: int) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-def _conv(path: str, module: Any, kernel: Any) -> tuple[Site | None, str | None]:
+def _conv(path: str, module: Any, kernel: Any, shape: tuple | None = None) -> tuple[Site | None, str | None]:
     name = type(module).__name__
     if getattr(module, "mask", None) is not None:
         return None, f"{name} with a kernel mask is not supported (the update would not be masked)"
-    shape = tuple(kernel.shape)
+    shape = tuple(kernel.shape) if shape is None else shape
     n = len(shape) - 2
     if n not in (1, 2, 3):
         return None, f"{name} with {n} spatial axes is not supported (1-D, 2-D and 3-D are)"
@@ -71,9 +71,9 @@ def _conv(path: str, module: Any, kernel: Any) -> tuple[Site | None, str | None]
     return site, None
 
 
-def _linear(path: str, name: str, equation: str, kernel: Any) -> tuple[Site | None, str | None]:
+def _linear(path: str, name: str, equation: str, kernel: Any, shape: tuple | None = None) -> tuple[Site | None, str | None]:
     try:
-        return Site(path, name, equation, tuple(kernel.shape), _dtype(kernel)), None
+        return Site(path, name, equation, tuple(kernel.shape) if shape is None else shape, _dtype(kernel)), None
     except ValueError as e:
         return None, str(e)
 
@@ -120,26 +120,36 @@ def linen_site(module: nn.Module, x: Any) -> tuple[Site | None, str | None]:
     return _linear(path, name, f"{x_labels},{contracted}{outs}->{free}{outs}", kernel)
 
 
+def _tuple(value: Any) -> tuple[int, ...]:
+    return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
+
+
 def nnx_site(path: str, module: nnx.Module) -> tuple[Site | None, str | None]:
-    """The site of an NNX layer, or ``(None, why)``."""
+    """The site of an NNX layer, or ``(None, why)``.
+
+    The site's kernel shape is the one the layer computes with, read from its attributes
+    (``in_features``, ``kernel_shape``, ...), not from the stored Variable: in an ``nnx.vmap`` stack
+    the stored kernel has the stack's axes in front (the binding makes the stacked site from it).
+    """
     name = type(module).__name__
     if isinstance(module, nnx.Embed):
         table = module.embedding.get_value()
-        return embed_site(path, name, tuple(table.shape), _dtype(table)), None
+        return embed_site(path, name, (int(module.num_embeddings), int(module.features)), _dtype(table)), None
     if isinstance(module, nnx.ConvTranspose) or not isinstance(
         module, (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv)
     ):
         return None, f"not a {NNX_WRAPPABLE}"
     kernel = module.kernel.get_value()
     if isinstance(module, nnx.Conv):
-        return _conv(path, module, kernel)
+        return _conv(path, module, kernel, _tuple(module.kernel_shape))
     if isinstance(module, nnx.Linear):
-        return _linear(path, name, "...i,io->...o", kernel)
+        return _linear(path, name, "...i,io->...o", kernel, (int(module.in_features), int(module.out_features)))
     if isinstance(module, nnx.Einsum):
-        return _linear(path, name, module.einsum_str, kernel)
+        return _linear(path, name, module.einsum_str, kernel, _tuple(module.kernel_shape))
     if module.batch_axis:
         return None, f"LinearGeneral with batch_axis={dict(module.batch_axis)} is not supported"
     n = len(module.axis)
     if tuple(module.axis) != tuple(range(-n, 0)):
         return None, f"LinearGeneral contracts axis={module.axis}; only trailing negative axes are supported"
-    return _linear(path, name, dense_general_equation(n, kernel.ndim - n), kernel)
+    shape = (*_tuple(module.in_features), *_tuple(module.out_features))
+    return _linear(path, name, dense_general_equation(n, len(shape) - n), kernel, shape)

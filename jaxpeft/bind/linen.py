@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 from flax.core import unfreeze
 
+from jaxpeft.bind import bound as bound_ops
 from jaxpeft.bind import model as model_level
 from jaxpeft.bind.plan import (
     SHARED,
@@ -32,7 +33,6 @@ from jaxpeft.bind.plan import (
     outermost_last,
     plan,
     shared_key,
-    with_shared,
 )
 from jaxpeft.bind import quantized
 from jaxpeft.bind.quantized import is_quantized
@@ -40,7 +40,6 @@ from jaxpeft.bind.select import Adapters, adapter_of, check_mixed, mixed_call, r
 from jaxpeft.bind.layers import LINEN_WRAPPABLE, linen_site
 from jaxpeft.methods.site import Site
 from jaxpeft.transform import Transform, methods_of
-from jaxpeft.tree import get_path, set_path
 
 WRAPPABLE = LINEN_WRAPPABLE
 
@@ -108,12 +107,19 @@ class PeftLinen:
       peft: the transform (a chain when adapters were added).
       placements: which methods sit at which site.
       layers: every module the model calls, as discovered (for adding adapters later).
+      active_adapters: the adapters ``apply`` runs when its call names none (``jp.use_adapters`` /
+        ``jp.adapters_disabled`` yield a copy with another value).
     """
 
     model: nn.Module
     peft: Transform
     placements: tuple[Placement, ...]
     layers: tuple[Layer, ...] = ()
+    active_adapters: Adapters = True
+
+    def bound(self, params: Any) -> bound_ops.Bound:
+        """The binding-independent view: placements, soft prompts and ``params`` as one tree."""
+        return bound_ops.Bound(self.placements, self.model_methods, params)
 
     @property
     def trainable(self):
@@ -128,15 +134,14 @@ class PeftLinen:
     @property
     def adapter_names(self) -> tuple[str, ...]:
         """The adapters bound to this model, in order of first appearance."""
-        methods = [m for p in self.placements for m in p.methods] + list(self.model_methods)
-        return tuple(dict.fromkeys(adapter_of(m) for m in methods))
+        return bound_ops.adapter_names(self.placements, self.model_methods)
 
     def apply(
         self,
         params: Any,
         *args: Any,
         rngs: Any = None,
-        adapters: Adapters = True,
+        adapters: Adapters | None = None,
         adapter_ids: jax.Array | None = None,
         collections: Mapping[str, Any] | None = None,
         method: Any = None,
@@ -149,12 +154,15 @@ class PeftLinen:
           params: the ``params`` collection: base and PEFT leaves in one tree.
           rngs: as for ``model.apply``; a ``"dropout"`` key turns LoRA dropout on.
           adapters: which adapters run: True (all), False (the base model alone, same params, no
-            rebuild), a name, or a list of names.
+            rebuild), a name, or a list of names. None: ``self.active_adapters`` (True unless
+            ``jp.use_adapters`` / ``jp.adapters_disabled`` set it).
           adapter_ids: int ``[batch]``: a mixed-adapter batch, example ``i`` running adapter
             ``adapters[adapter_ids[i]]`` (LoRA adapters; the first axis of each layer input is the batch).
           collections: other variable collections (``batch_stats``, ...).
         """
         variables = {"params": params, **(collections or {})}
+        if adapters is None:
+            adapters = self.active_adapters
         if adapter_ids is not None:
             names = check_mixed(adapters, adapter_ids, self.adapter_names)
             active = frozenset(names)
@@ -231,32 +239,9 @@ def _group(params: Mapping, method: Transform) -> Mapping:
     return params[method.group]
 
 
-BASE_LEAVES = ("kernel", "bias", "embedding")  # the base leaves of every site kind (Site.base_names)
-
-
-def _base_params(params: dict, path: str) -> dict:
-    node = get_path(params, path)
-    return {k: node[k] for k in BASE_LEAVES if k in node}
-
-
 def init_params(placements: tuple[Placement, ...], key: jax.Array, params: dict) -> dict:
-    """``params`` with every placed method's new leaves added (a new tree; base arrays shared)."""
-    pairs = [(p.site, m) for p in placements for m in p.methods]
-    site_key, shared_rng = jax.random.split(key)
-    new = params
-    for k, (site, method) in zip(jax.random.split(site_key, max(len(pairs), 1)), pairs):
-        for name, value in method.init_site(k, site, _base_params(new, site.path)).items():
-            if name in BASE_LEAVES and not getattr(method, "updates_base", False):
-                raise ValueError(f"{type(method).__name__}.init_site returned the base leaf {name!r} at {site.path!r} "
-                                 "without declaring updates_base = True")
-            new = set_path(new, (*site.path.split("/"), name), value)
-    shared = with_shared(placements)
-    for k, (name, (method, sites)) in zip(jax.random.split(shared_rng, max(len(shared), 1)), shared.items()):
-        if name in new.get(SHARED, {}):
-            raise ValueError(f"params already hold shared leaves at {SHARED}/{name}")
-        for leaf, value in method.init_shared(k, sites).items():
-            new = set_path(new, (SHARED, name, leaf), value)
-    return new
+    """``params`` with every placed method's new leaves added (``jaxpeft.bind.bound.init``)."""
+    return bound_ops.init(placements, key, params)
 
 
 def apply_linen(
@@ -277,7 +262,8 @@ def apply_linen(
     if prompts:
         model_level.check_prompt_protocol(model, type(model).__call__)
     extends = any(getattr(m, "extends_sequence", False) for m in methods)
-    base_key, peft_key = jax.random.split(key)
+    # The PEFT leaves come from ``key`` itself, as in the NNX binding (same seed, same adapters).
+    base_key, peft_key = jax.random.split(key)[0], key
     if params is None:
         params = model.init(base_key, *args, **kwargs)["params"]
     params = nn.meta.unbox(params)  # boxed (nn.with_partitioning) params: shardings come from jp.peft_specs
@@ -294,7 +280,7 @@ def apply_linen(
     placements = plan(peft, layers, WRAPPABLE)
     new = init_params(placements, peft_key, params)
     if prompts:
-        new = init_model_params(prompts, model, jax.random.fold_in(peft_key, 1), new)
+        new = init_model_params(prompts, model, peft_key, new)
     return PeftLinen(model, peft, placements, layers), new
 
 
@@ -309,7 +295,7 @@ def init_model_params(methods: tuple[Transform, ...], model: nn.Module, key: jax
     probe = jax.eval_shape(embed, jax.ShapeDtypeStruct((1, 1), jax.numpy.int32))
     spec = ModelSpec(int(probe.shape[-1]), jax.numpy.dtype(probe.dtype).name)
     new = dict(params)
-    for k, m in zip(jax.random.split(key, len(methods)), methods):
+    for k, m in zip(bound_ops.prompt_keys(key, methods), methods):
         if m.group in new:
             raise ValueError(
                 f"{type(m).__name__}: params already hold a top-level {m.group!r}; give the adapter another name"

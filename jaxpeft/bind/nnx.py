@@ -20,6 +20,7 @@ paths as in Linen.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import types
 from collections.abc import Iterator
@@ -28,14 +29,16 @@ from typing import Any
 import jax
 from flax import nnx
 
+from jaxpeft.bind import bound as bound_ops
 from jaxpeft.bind import model as model_level
-from jaxpeft.bind.plan import SHARED, Layer, Placement, model_methods, outermost_last, plan, shared_key, with_shared
+from jaxpeft.bind.plan import SHARED, Layer, Placement, model_methods, outermost_last, plan, shared_key
 from jaxpeft.bind import quantized
 from jaxpeft.bind.quantized import is_quantized
 from jaxpeft.bind.select import Adapters, adapter_of, check_mixed, mixed_call, resolve
 from jaxpeft.bind.layers import NNX_WRAPPABLE, nnx_site
 from jaxpeft.methods.site import Site
 from jaxpeft.transform import Transform
+from jaxpeft.tree import get_path, set_path
 
 WRAPPABLE = NNX_WRAPPABLE
 
@@ -290,7 +293,7 @@ def _add_prompts(new: nnx.Module, model: nnx.Module, prompts: tuple, key: jax.Ar
         root.peft_model_methods = ()
         root.peft_active_adapters = None
         root.peft_mixed_adapters = None
-    for k, m in zip(jax.random.split(key, len(prompts)), prompts):
+    for k, m in zip(bound_ops.prompt_keys(key, prompts), prompts):
         leaves = m.init_model(k, spec, lambda ids: model.embed_tokens(ids[None])[0])
         setattr(root, m.group, PeftShared(leaves))
     root.peft_model_methods = root.peft_model_methods + tuple(prompts)
@@ -339,11 +342,8 @@ def apply_nnx(peft: Transform, model: nnx.Module, key: jax.Array) -> nnx.Module:
         and not isinstance(_get(model, _parts(model, layer.path)), PeftLayer)
     )
     new = copy_graph(model)
-    site_key, shared_rng = jax.random.split(key)
-    shared_methods = with_shared(placements)
     shared = {
-        name: PeftShared(method.init_shared(k, sites))
-        for k, (name, (method, sites)) in zip(jax.random.split(shared_rng, max(len(shared_methods), 1)), shared_methods.items())
+        name: PeftShared(leaves) for name, leaves in bound_ops.init_shared(placements, key, _shared_holder(new)).items()
     }
     if shared:
         # One module holds them; every PeftLayer references it (NNX keeps shared references shared).
@@ -351,29 +351,22 @@ def apply_nnx(peft: Transform, model: nnx.Module, key: jax.Array) -> nnx.Module:
         for name, module in shared.items():
             holder[name] = module
         setattr(new, SHARED, holder)
-    for k, placement in zip(jax.random.split(site_key, max(len(placements), 1)), placements):
+    for placement in placements:
         parts = _parts(model, placement.site.path)
-        init_key, dropout_key = jax.random.split(k)
         target = _get(new, parts)
         base_layer = target.base_layer if isinstance(target, PeftLayer) else target
         base = _base_params(base_layer)
-        params = {}
-        for mk, m in zip(jax.random.split(init_key, max(len(placement.methods), 1)), placement.methods):
-            leaves = m.init_site(mk, placement.site, base)
-            for name in [n for n in leaves if n in ("kernel", "bias")]:
-                if not getattr(m, "updates_base", False):
-                    raise ValueError(f"{type(m).__name__}.init_site returned the base leaf {name!r} at "
-                                     f"{placement.site.path!r} without declaring updates_base = True")
-                # A new Variable on this graph's own copy of the layer: the input model's stays as it was.
-                base_layer = nnx.merge(*nnx.split(base_layer))
-                setattr(base_layer, name, getattr(base_layer, name).replace(value=leaves.pop(name)))
-                base = {**base, name: getattr(base_layer, name).get_value()}
-                if isinstance(target, PeftLayer):
-                    target.base_layer = base_layer
-                else:
-                    target = base_layer
-            params.update(leaves)
+        params, new_base = bound_ops.init_site_leaves(placement, key, base)
+        changed = {k: v for k, v in new_base.items() if v is not base.get(k)}
+        if changed:
+            # New Variables on this graph's own copy of the layer: the input model's stay as they were.
+            base_layer = _layer_with(base_layer, changed)
+            if isinstance(target, PeftLayer):
+                target.base_layer = base_layer
+            else:
+                target = base_layer
         refs = {shared_key(m): shared[shared_key(m)] for m in placement.methods if shared_key(m) in shared}
+        dropout_key = _dropout_key(key, placement.site.path)
         if isinstance(target, PeftLayer):
             target.add(placement.methods, params, dropout_key, refs)
         else:
@@ -384,7 +377,7 @@ def apply_nnx(peft: Transform, model: nnx.Module, key: jax.Array) -> nnx.Module:
         node = _get(new, parts)
         new = _replace(new, parts, _reclass(node, _mixins(node) | {_PrefixMask}))
     if prompts:
-        new = _add_prompts(new, model, prompts, jax.random.fold_in(key, 1))
+        new = _add_prompts(new, model, prompts, key)
     return new
 
 
@@ -440,14 +433,35 @@ def adapter_names(model: nnx.Module) -> tuple[str, ...]:
     return tuple(dict.fromkeys(adapter_of(m) for m in methods))
 
 
-def use_adapters(model: nnx.Module, adapters: Adapters) -> contextlib.AbstractContextManager:
-    """Within the block, only ``adapters`` run (True: all, False: none, a name or a list of names)."""
+@contextlib.contextmanager
+def _linen_setting(model: Any, adapters: Adapters) -> Iterator[Any]:
+    resolve(adapters, model.adapter_names)
+    yield dataclasses.replace(model, active_adapters=adapters)
+
+
+def use_adapters(model: Any, adapters: Adapters) -> contextlib.AbstractContextManager:
+    """Within the block, only ``adapters`` run (True: all, False: none, a name or a list of names).
+
+    Yields the model to call. NNX: ``model`` itself (its layers' selection is set for the block and
+    restored after). Linen: a copy of the ``PeftLinen`` whose ``apply`` runs ``adapters`` by default
+    (a Linen model is immutable; ``peft_model.apply(params, x, adapters=...)`` says the same per call)::
+
+      with jp.adapters_disabled(peft_model) as base_model:
+          y = base_model.apply(params, x)        # Linen
+          y = base_model(x)                      # NNX (base_model is peft_model)
+    """
+    from jaxpeft.bind.linen import PeftLinen
+
+    if isinstance(model, PeftLinen):
+        return _linen_setting(model, adapters)
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"use_adapters expects a PeftLinen or an NNX model from jp.apply, got {type(model).__name__}")
     active = resolve(adapters, adapter_names(model))
     return _setting(model, active_adapters=active)
 
 
-def adapters_disabled(model: nnx.Module) -> contextlib.AbstractContextManager:
-    """Within the block, every ``PeftLayer`` of ``model`` runs its base layer alone."""
+def adapters_disabled(model: Any) -> contextlib.AbstractContextManager:
+    """Within the block the base model alone runs (``use_adapters(model, False)``; Linen or NNX)."""
     return use_adapters(model, False)
 
 
@@ -462,25 +476,114 @@ def mixed_adapters(model: nnx.Module, adapters: Adapters, adapter_ids: jax.Array
 
 def delete_adapter_nnx(model: nnx.Module, adapter: str) -> nnx.Module:
     """A new graph without ``adapter``; layers left with nothing to do are unwrapped."""
-    resolve([adapter], adapter_names(model))
+    return write(model, bound_ops.delete(read(model), adapter))
+
+
+# -- the bound-model representation (jaxpeft.bind.bound) in and out of a graph -----------------------
+
+
+def _shared_holder(model: nnx.Module) -> dict[str, PeftShared]:
+    holder = getattr(model, SHARED, None)
+    return {} if holder is None else {name: holder[name] for name in holder.keys()}
+
+
+def _layer_with(layer: nnx.Module, values: dict[str, Any]) -> nnx.Module:
+    """A copy of ``layer`` sharing its Variables except new ones holding ``values``."""
+    new = nnx.merge(*nnx.split(layer))
+    for name, value in values.items():
+        setattr(new, name, getattr(new, name).replace(value=value))
+    return new
+
+
+def _dropout_key(key: jax.Array, path: str) -> jax.Array:
+    return jax.random.fold_in(bound_ops.path_key(key, path), 0x7FFFFFFF)
+
+
+def _same(values: dict, new: dict) -> bool:
+    return set(values) == set(new) and all(values[k] is new[k] for k in values)
+
+
+def read(model: nnx.Module) -> bound_ops.Bound:
+    """The bound-model representation of a graph from ``jp.apply``: no array is copied."""
+    placements, params = [], {}
+    for parts, layer in peft_layers(model):
+        path = _path_str(parts)
+        node = {**_base_params(layer.base_layer)}
+        node.update({n: getattr(layer, n).get_value() for m in layer.methods for n in m.param_names})
+        params = set_path(params, path.split("/"), node)
+        placements.append(Placement(layer.site, layer.methods))
+    shared = {name: group.values() for name, group in _shared_holder(model).items()}
+    if shared:
+        params[SHARED] = shared
+    prompts: tuple = ()
+    for root in _prompt_models(model):
+        prompts = root.peft_model_methods
+        for m in prompts:
+            params[m.group] = getattr(root, m.group).values()
+    return bound_ops.Bound(tuple(placements), tuple(prompts), params)
+
+
+def write(model: nnx.Module, bound: bound_ops.Bound) -> nnx.Module:
+    """A new graph: ``model`` with the methods and leaves of ``bound`` (``model`` is untouched).
+
+    Only the sites ``model`` already wraps are written (new sites come from ``apply_nnx``). A site
+    left without methods (and without a quantized kernel) becomes its plain base layer again.
+    Variables whose value is unchanged stay shared with ``model``; changed values get new Variables.
+    """
     new = copy_graph(model)
+    by_path = {p.site.path: p for p in bound.placements}
+    shared = bound.params.get(SHARED, {})
     holder = getattr(new, SHARED, None)
-    for path, layer in list(peft_layers(new)):
-        if holder is not None:
-            for key in [shared_key(m) for m in layer.methods if adapter_of(m) == adapter]:
-                if key in holder:
-                    del holder[key]  # the shared leaves go with their adapter
-        layer.remove(adapter)
-        if not layer.methods and not is_quantized(getattr(layer.base_layer, layer.site.kernel_name).get_value()):
-            _set(_get(new, path[:-1]), path[-1], layer.base_layer)
-    for path, node in list(nnx.iter_graph(new)):
-        if isinstance(node, _PromptModel):
-            gone = [m for m in node.peft_model_methods if adapter_of(m) == adapter]
-            for m in gone:
-                delattr(node, m.group)
-            node.peft_model_methods = tuple(m for m in node.peft_model_methods if adapter_of(m) != adapter)
-            if not node.peft_model_methods:  # no prompt left: the model's own class again
-                for name in ("peft_model_methods", "peft_active_adapters", "peft_mixed_adapters"):
-                    delattr(node, name)
-                new = _replace(new, tuple(path), _reclass(node, _mixins(node) - {_PromptModel}))
+    if holder is not None:
+        for name in list(holder.keys()):
+            if name not in shared:
+                del holder[name]
+            elif not _same(holder[name].values(), shared[name]):
+                holder[name] = PeftShared(shared[name])
+        if not len(holder):
+            delattr(new, SHARED)
+            holder = None
+    for parts, layer in list(peft_layers(new)):
+        path = _path_str(parts)
+        try:
+            node = get_path(bound.params, path)
+        except KeyError:
+            node = {}
+        placement = by_path.get(path)
+        methods = placement.methods if placement is not None else ()
+        base = _base_params(layer.base_layer)
+        changed = {k: node[k] for k in bound_ops.BASE_LEAVES if k in node and node[k] is not base.get(k)}
+        base_layer = _layer_with(layer.base_layer, changed) if changed else layer.base_layer
+        if not methods and not is_quantized(getattr(base_layer, layer.site.kernel_name).get_value()):
+            _set(_get(new, parts[:-1]), parts[-1], base_layer)
+            continue
+        keep = [n for m in methods for n in m.param_names]
+        for m in layer.methods:
+            for n in m.param_names:
+                if n not in keep:
+                    delattr(layer, n)
+        for n in keep:
+            if n not in node:
+                raise KeyError(f"no leaf {n!r} at {path!r} for {[type(m).__name__ for m in methods]}")
+            var = getattr(layer, n, None)
+            if not (isinstance(var, nnx.Variable) and var.get_value() is node[n]):
+                setattr(layer, n, PeftParam(node[n]))  # a new Variable: the input model keeps its leaves
+        layer.base_layer = base_layer
+        layer.methods = tuple(methods)
+        groups = {} if holder is None else {name: holder[name] for name in holder.keys()}
+        layer.shared = nnx.data({shared_key(m): groups[shared_key(m)] for m in methods if shared_key(m) in groups})
+    for root_path, root in [(tuple(p), n) for p, n in nnx.iter_graph(new) if isinstance(n, _PromptModel)]:
+        keep_groups = {m.group for m in bound.prompts}
+        for m in root.peft_model_methods:
+            if m.group not in keep_groups:
+                delattr(root, m.group)
+        for m in bound.prompts:
+            group = getattr(root, m.group, None)
+            if not (isinstance(group, PeftShared) and _same(group.values(), bound.params[m.group])):
+                setattr(root, m.group, PeftShared(bound.params[m.group]))
+        root.peft_model_methods = tuple(bound.prompts)
+        if not root.peft_model_methods:  # no prompt left: the model's own class again
+            for name in ("peft_model_methods", "peft_active_adapters", "peft_mixed_adapters"):
+                delattr(root, name)
+            new = _replace(new, root_path, _reclass(root, _mixins(root) - {_PromptModel}))
     return new

@@ -45,14 +45,10 @@ def leaf_selector(names: tuple[str, ...]) -> str:
 
 
 def selector_config(targets: Selector) -> Any:
-    """``targets`` as JSON data: a string, a list of strings, or its ``repr``."""
-    if isinstance(targets, str):
-        return targets
-    if isinstance(targets, re.Pattern):
-        return targets.pattern
-    if isinstance(targets, tuple) and all(isinstance(t, (str, re.Pattern)) for t in targets):
-        return [t.pattern if isinstance(t, re.Pattern) else t for t in targets]
-    return repr(targets)
+    """``targets`` as JSON data that ``jaxpeft.registry`` rebuilds (see ``registry.encode_selector``)."""
+    from jaxpeft.registry import encode_selector  # the one place selectors are encoded (no cycle: lazy)
+
+    return encode_selector(targets)
 
 
 def freeze_pattern(method: str, field: str, pattern: Any, check: Callable[[Any], bool], what: str) -> Pattern:

