@@ -200,19 +200,12 @@ def _leaves(tree):
     return out
 
 
-LINEN_NNX_PENDING = "the same seed gives different adapters in Linen and NNX until the one binding layer lands (issue 9 item 7)"
-
-
-DETERMINISTIC_INIT = ("ia3", "lora-pissa")  # ones / an SVD: no key is used, so the bindings agree already
 LINEN_NNX_IN_CI = ("lora", "ia3", "lora-pissa", "prompt")
 
 
 def _linen_nnx_cases():
     for name in ROWS:
-        marks = [] if name in LINEN_NNX_IN_CI else [pytest.mark.slow]
-        if name not in DETERMINISTIC_INIT:
-            marks.append(pytest.mark.xfail(strict=True, reason=LINEN_NNX_PENDING))
-        yield pytest.param(name, marks=marks, id=name)
+        yield pytest.param(name, marks=() if name in LINEN_NNX_IN_CI else (pytest.mark.slow,), id=name)
 
 
 @pytest.mark.parametrize("name", list(_linen_nnx_cases()))
