@@ -78,7 +78,7 @@ from jaxpeft.task_arithmetic import (
     task_vector,
     ties_merge,
 )
-from jaxpeft.train import EarlyStopping, TrainResult, evaluate, fit, make_eval_step, make_train_step
+from jaxpeft.train import EarlyStopping, TrainResult, TrainStep, evaluate, fit, make_eval_step, make_train_step
 from jaxpeft.transform import Chain, chain
 from jaxpeft.tree import (
     ParamSummary,
@@ -125,6 +125,7 @@ __all__ = [
     "Site",
     "SoupResult",
     "TrainResult",
+    "TrainStep",
     "TreeMismatchError",
     "adapter_ensemble",
     "adapter_names",

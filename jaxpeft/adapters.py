@@ -25,10 +25,20 @@ from jaxpeft.bind.select import adapter_of, resolve
 from jaxpeft.transform import Chain, Transform, chain, methods_of
 
 
+def nnx_module_type() -> type:
+    from flax import nnx
+
+    return nnx.Module
+
+
 def adapter_names(peft_model: Any) -> tuple[str, ...]:
     """The adapters bound to a model from ``jp.apply`` (Linen or NNX)."""
     if isinstance(peft_model, PeftLinen):
         return peft_model.adapter_names
+    if not isinstance(peft_model, nnx_module_type()):
+        raise TypeError(
+            f"adapter_names expects a model from jp.apply (a PeftLinen or an NNX module), got {type(peft_model).__name__}"
+        )
     return _nnx_adapter_names(peft_model)
 
 

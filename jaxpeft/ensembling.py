@@ -178,6 +178,13 @@ def _check_exact_leaves_equal(trees: Sequence[Any], names: Sequence[str]) -> Non
 def _check_alpha(alpha: Any, what: str = "alpha") -> None:
     if not _is_concrete(alpha):
         return  # traced under an outer jit: nothing to check before the work
+    dtype = getattr(alpha, "dtype", None)
+    numeric = isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
+    if not numeric and not (dtype is not None and np.issubdtype(dtype, np.number)):
+        # A string ("0.5") or a bool would be converted silently by jnp.asarray or float().
+        raise TypeError(f"{what} must be a real number or a numeric scalar array, got {type(alpha).__name__}: {alpha!r}")
+    if dtype is not None and np.issubdtype(dtype, np.complexfloating):
+        raise TypeError(f"{what} must be real, got {dtype}: {alpha!r}")
     if np.ndim(alpha) != 0:
         raise ValueError(f"{what} must be a scalar, got shape {np.shape(alpha)}")
     value = float(alpha)

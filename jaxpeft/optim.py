@@ -29,6 +29,7 @@ from jaxpeft.tree import variable_value
 from jaxpeft.tree import (
     Selector,
     SelectorError,
+    check_selector,
     describe,
     leaves_with_paths,
     mask,
@@ -81,6 +82,10 @@ def decay_selector(exclude: Selector = NO_DECAY, min_ndim: int = 2) -> Callable[
       ``(path, leaf) -> bool``, usable wherever a selector is (``jp.mask``, ``jp.partition``).
     """
 
+    check_selector(exclude, "decay_selector exclude")
+    if not isinstance(min_ndim, int) or isinstance(min_ndim, bool) or min_ndim < 0:
+        raise ValueError(f"decay_selector: min_ndim must be an int >= 0, got {min_ndim!r}")
+
     def decays(path: str, leaf: Any) -> bool:
         return np.ndim(_array(leaf)) >= min_ndim and not matches(exclude, path, leaf)
 
@@ -126,7 +131,11 @@ def masked_weight_decay(
       min_ndim: see ``decay_selector``; ignored when ``mask`` is given.
       mask: a bool tree or a ``params -> bool tree`` function to use instead.
     """
+    if not callable(weight_decay):
+        if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
+            raise ValueError(f"masked_weight_decay: weight_decay must be a number >= 0 or a schedule, got {weight_decay!r}")
     if mask is None:
+        decay_selector(exclude, min_ndim)  # refuse a bad exclude / min_ndim now, not at the first update
 
         def mask(params):
             return decay_mask(params, exclude=exclude, min_ndim=min_ndim)
@@ -203,6 +212,10 @@ def multi_lr(
     for g in groups:
         if len(g) != 2:
             raise ValueError(f"multi_lr: each group is (selector, learning_rate); got {g!r}")
+        check_selector(g[0], f"multi_lr group {g!r}: the selector")
+    if not callable(make_optimizer):
+        raise TypeError(f"multi_lr: make_optimizer must be a function learning_rate -> optax transformation, got "
+                        f"{type(make_optimizer).__name__}")
 
     def injected(learning_rate):
         def factory(learning_rate):
@@ -268,9 +281,12 @@ def tree_bytes(tree: Any) -> int:
     Python scalars and ``None`` count as zero: they live on the host, not in device memory.
     """
     total = 0
-    for leaf in jax.tree.leaves(tree):
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        path = path_to_str(keypath)
         if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
             total += int(np.prod(leaf.shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+        elif leaf is not None and not isinstance(leaf, (bool, int, float, complex)):
+            raise TypeError(f"tree_bytes: the leaf at {path!r} is a {type(leaf).__name__} ({leaf!r}), not an array")
     return total
 
 

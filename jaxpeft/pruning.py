@@ -405,8 +405,10 @@ def mask_sparsity(mask: Any) -> float:
     not known to the mask). Reads the mask to the host.
     """
     total = pruned = 0
-    for _, m in leaves_with_paths(mask):
+    for path, m in leaves_with_paths(mask):
         m = _array(m)
+        if not (isinstance(m, bool) or (hasattr(m, "dtype") and np.dtype(m.dtype) == np.bool_)):
+            raise TypeError(f"mask_sparsity: the mask leaf at {path!r} is {type(m).__name__} {m!r}, not a bool array")
         if hasattr(m, "dtype") and np.ndim(m) > 0:
             m = np.asarray(m)
             total += m.size
@@ -463,6 +465,9 @@ def masked_updates(
     Raises:
       ValueError / TypeError: at ``init``, the mask does not have the parameters' structure.
     """
+    if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
+        raise TypeError(f"masked_updates: inner must be an optax transformation (init, update), got "
+                        f"{type(inner).__name__}: {inner!r}")
 
     def init(params):
         m = mask(params) if callable(mask) else mask

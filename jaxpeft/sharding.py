@@ -95,6 +95,8 @@ def param_axes(method: Any, site: Any = None) -> Mapping[str, tuple[Any, ...]] |
     site: IA3 scales a layer's input at some sites and its output at others) or with a
     ``param_axes`` mapping; LoRA (``jaxpeft.methods.lora.LoRA``) is known here.
     """
+    if not hasattr(method, "param_names") or not hasattr(method, "targets"):
+        raise TypeError(f"param_axes expects a PEFT method (jp.lora(...), ...), got {type(method).__name__}: {method!r}")
     at = getattr(method, "param_axes_at", None)
     if at is not None and site is not None:
         axes = at(site)

@@ -15,6 +15,13 @@ The contract, for Linen and NNX alike::
 
 ``jax.grad`` sees only ``trainable``; ``frozen`` is closed over, so XLA never computes a frozen
 weight's gradient, and ``optimizer.init(trainable)`` holds state only for the trainable leaves.
+
+Ownership: nothing here invalidates an array the caller holds. ``jp.partition`` and ``jp.apply``
+return trees that share buffers with the caller's base params (full fine-tuning: every leaf; LoRA
+with a trainable head: the head), so donating what the caller passes would delete their base
+weights. A ``TrainStep`` called directly therefore donates nothing (unless built with
+``donate=True``, an explicit hand-over); ``fit`` copies the starting ``trainable`` and
+``opt_state`` once (never ``frozen``) and then donates only buffers its own steps produced.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import optax
 from jaxpeft.tree import path_to_str
 
 __all__ = [
+    "TrainStep",
     "make_train_step",
     "make_eval_step",
     "evaluate",
@@ -85,15 +93,77 @@ def _injected_learning_rates(opt_state: Any) -> dict[str, Any]:
     return {f"learning_rate/{name}": lr for name, lr in found}
 
 
+def _copy_tree(tree: Any) -> Any:
+    """Fresh device buffers for every array leaf of ``tree`` (one jitted dispatch), other leaves as-is.
+
+    A copy keeps its source's sharding. Two leaves sharing one buffer come back as two buffers, so
+    the copy can be donated even where ``optimizer.init`` stored the params themselves (lookahead).
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    where = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
+    if where:
+        copies = _jit_copy([leaves[i] for i in where])
+        for i, c in zip(where, copies):
+            leaves[i] = c
+    return jax.tree.unflatten(treedef, leaves)
+
+
+_jit_copy = jax.jit(lambda xs: [jnp.copy(x) for x in xs])
+
+
+class TrainStep:
+    """A train step: ``step(trainable, frozen, opt_state, batch, rng) -> (trainable, opt_state, metrics)``.
+
+    Built by ``make_train_step``. Calling it never invalidates its arguments (unless it was built
+    with ``donate=True``): the returned trees are new buffers and the ones passed in stay valid, so
+    a caller's base params (shared with ``trainable`` after ``jp.partition``) survive the step.
+    ``fit`` uses ``donating``, the same step donating ``trainable`` and ``opt_state``, on buffers it
+    owns (its own copy of the starting trees, then each step's outputs).
+
+    Attributes:
+      fn: the un-jitted step function.
+      jit: whether calls are compiled.
+      donate: whether a direct call donates ``trainable`` and ``opt_state`` (the caller's explicit
+        hand-over of those buffers).
+    """
+
+    def __init__(self, fn: Callable[..., Any], *, jit: bool, donate: bool):
+        self.fn = fn
+        self.jit = jit
+        self.donate = donate
+        self._plain = jax.jit(fn) if jit else fn
+        self._donating = jax.jit(fn, donate_argnums=(0, 2)) if jit else fn
+
+    def __call__(self, trainable, frozen, opt_state, batch, rng):
+        run = self._donating if self.donate else self._plain
+        return run(trainable, frozen, opt_state, batch, rng)
+
+    @property
+    def donating(self) -> Callable[..., Any]:
+        """The step donating ``trainable`` and ``opt_state``: call it only on buffers nobody else holds."""
+        return self._donating
+
+    @property
+    def donates(self) -> bool:
+        """Whether ``donating`` really donates (it does with ``jit``)."""
+        return self.jit
+
+    def lower(self, *args: Any) -> Any:
+        """``jax.jit(...).lower`` of what a direct call runs (needs ``jit=True``)."""
+        if not self.jit:
+            raise ValueError("TrainStep.lower: the step was built with jit=False")
+        return (self._donating if self.donate else self._plain).lower(*args)
+
+
 def make_train_step(
     loss_fn: Callable[..., Any],
     optimizer: optax.GradientTransformation,
     *,
     has_aux: bool = False,
     jit: bool = True,
-    donate: bool = True,
+    donate: bool = False,
     learning_rate: float | optax.Schedule | None = None,
-) -> Callable[[Any, Any, Any, Any, Any], tuple[Any, Any, dict[str, jax.Array]]]:
+) -> TrainStep:
     """A train step that differentiates ``loss_fn`` with respect to the trainable tree only.
 
     Args:
@@ -103,18 +173,31 @@ def make_train_step(
       optimizer: any optax transformation; its state comes from ``optimizer.init(trainable)``.
       has_aux: ``loss_fn`` returns ``(loss, aux)``.
       jit: compile the step with ``jax.jit``.
-      donate: (with ``jit``) donate the ``trainable`` and ``opt_state`` buffers to the step, so the
-        update happens in place; the trees passed in must not be used afterwards.
+      donate: (with ``jit``) a direct call donates the ``trainable`` and ``opt_state`` buffers: the
+        trees passed in are deleted, and with them any base params they share buffers with. Off by
+        default; ``fit`` donates safely either way (it copies its starting trees once).
       learning_rate: the optimizer's schedule (or constant), reported as ``metrics["learning_rate"]``
         at the optimizer's step count. Without it the rate is reported when the optimizer (or each
         ``multi_lr`` group) is wrapped in ``optax.inject_hyperparams``, and not otherwise.
 
     Returns:
-      ``step(trainable, frozen, opt_state, batch, rng) -> (trainable, opt_state, metrics)``;
-      ``metrics`` holds scalar arrays: ``loss``, ``grad_norm`` (global L2 norm of the gradient),
-      ``learning_rate`` (or ``learning_rate/<group>``) when known, and the ``aux`` entries. Nothing
-      is transferred to the host: convert at log points only.
+      a ``TrainStep``: ``step(trainable, frozen, opt_state, batch, rng) -> (trainable, opt_state,
+      metrics)``; ``metrics`` holds scalar arrays: ``loss``, ``grad_norm`` (global L2 norm of the
+      gradient), ``learning_rate`` (or ``learning_rate/<group>``) when known, and the ``aux``
+      entries. Nothing is transferred to the host: convert at log points only.
+
+    Raises:
+      TypeError: ``loss_fn`` is not callable, or ``optimizer`` is not an optax transformation.
     """
+    if not callable(loss_fn):
+        raise TypeError(f"make_train_step: loss_fn must be callable, got {type(loss_fn).__name__}")
+    if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
+        raise TypeError(
+            f"make_train_step: optimizer must be an optax.GradientTransformation (init, update), got "
+            f"{type(optimizer).__name__}"
+        )
+    if not isinstance(donate, bool):
+        raise TypeError(f"make_train_step: donate must be a bool, got {donate!r}")
 
     def step(trainable, frozen, opt_state, batch, rng):
         def objective(t):
@@ -149,9 +232,7 @@ def make_train_step(
         _check_scalar_metrics(metrics, "make_train_step")
         return new_trainable, new_opt_state, metrics
 
-    if jit:
-        return jax.jit(step, donate_argnums=(0, 2) if donate else ())
-    return step
+    return TrainStep(step, jit=jit, donate=donate and jit)
 
 
 def make_eval_step(metric_fn: Callable[[Any, Any, Any], Any], *, jit: bool = True) -> Callable[..., Any]:
@@ -167,6 +248,9 @@ def make_eval_step(metric_fn: Callable[[Any, Any, Any], Any], *, jit: bool = Tru
       ``eval_step(trainable, frozen, batch) -> (metrics, weight)``, ``weight`` 1.0 if ``metric_fn``
       gives none.
     """
+
+    if not callable(metric_fn):
+        raise TypeError(f"make_eval_step: metric_fn must be callable, got {type(metric_fn).__name__}")
 
     def eval_step(trainable, frozen, batch):
         out = metric_fn(trainable, frozen, batch)
@@ -347,9 +431,16 @@ def _mean_metrics(window: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def _copy_tree(tree: Any) -> Any:
-    # A real copy: the step donates `trainable`, which would delete a kept reference's buffers.
-    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+def _owned(step: Callable[..., Any], trainable: Any, opt_state: Any) -> tuple[Callable[..., Any], Any, Any]:
+    """The step ``fit`` runs, and the trees it runs on: copies wherever that step donates."""
+    if isinstance(step, TrainStep):
+        if not step.donates:
+            return step.donating, trainable, opt_state
+        trainable, opt_state = _copy_tree((trainable, opt_state))
+        return step.donating, trainable, opt_state
+    # A step of the caller's own may donate: hand it copies, never the caller's buffers.
+    trainable, opt_state = _copy_tree((trainable, opt_state))
+    return step, trainable, opt_state
 
 
 def fit(
@@ -377,8 +468,9 @@ def fit(
 
     Args:
       step: from ``make_train_step``.
-      trainable, frozen, opt_state: the starting trees. With a donating step, ``trainable`` and
-        ``opt_state`` are consumed: use the returned ones.
+      trainable, frozen, opt_state: the starting trees; they stay valid (``fit`` never deletes an
+        array you hold). ``fit`` copies ``trainable`` and ``opt_state`` once, before the first
+        step, and then donates only buffers it owns; ``frozen`` is never copied nor donated.
       batches: an iterable of batches (the run ends early if it runs out), or
         ``batch_fn(i) -> batch`` for step index ``i = 0, 1, ...``.
       num_steps: the number of train steps.
@@ -400,6 +492,10 @@ def fit(
     """
     from tqdm.auto import tqdm
 
+    if not callable(step):
+        raise TypeError(f"fit: step must be callable (from make_train_step), got {type(step).__name__}")
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool):
+        raise TypeError(f"fit: num_steps must be an int, got {num_steps!r}")
     if num_steps < 0:
         raise ValueError(f"fit: num_steps must be >= 0, got {num_steps}")
     if log_every < 1:
@@ -496,7 +592,11 @@ def fit(
                 except StopIteration:
                     break
             step_rng = None if rng is None else jax.random.fold_in(rng, i)
-            trainable, opt_state, metrics = step(trainable, frozen, opt_state, batch, step_rng)
+            if i == 0:
+                # Copy on first use: the caller's trees (which may share buffers with their base
+                # params) are never donated; every later step donates the previous step's outputs.
+                run_step, trainable, opt_state = _owned(step, trainable, opt_state)
+            trainable, opt_state, metrics = run_step(trainable, frozen, opt_state, batch, step_rng)
             steps_run = i + 1
             window.append(metrics)
             bar.update(1)

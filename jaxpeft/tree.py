@@ -39,6 +39,7 @@ __all__ = [
     "leaves_with_paths",
     "paths",
     "matches",
+    "check_selector",
     "mask",
     "select",
     "partition",
@@ -121,6 +122,8 @@ def leaves_with_paths(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -
       tree: any pytree (Linen params, NNX ``State``, nested dicts/lists/tuples).
       is_leaf: extra leaf predicate, e.g. to keep a quantized weight whole.
     """
+    if is_leaf is not None and not callable(is_leaf):
+        raise TypeError(f"is_leaf must be a function (leaf) -> bool or None, got {type(is_leaf).__name__}: {is_leaf!r}")
 
     def leaf(x):
         return _default_is_leaf(x) or (is_leaf is not None and is_leaf(x))
@@ -151,6 +154,33 @@ def matches(selector: Selector, path: str, leaf: Any = None) -> bool:
     raise TypeError(
         f"a selector is a regex string, re.Pattern, type, callable (path, leaf) -> bool, bool or a "
         f"list of those; got {type(selector).__name__}: {selector!r}"
+    )
+
+
+def check_selector(selector: Selector, what: str = "selector") -> None:
+    """Raise before any work if ``selector`` is not one (``None``, a number, ...) or holds an invalid regex.
+
+    Raises:
+      TypeError: not a selector (``None`` included: use ``True`` for every leaf, ``False`` for none).
+      SelectorError: a string that does not compile as a regex; the message quotes it.
+    """
+    if isinstance(selector, (bool, re.Pattern, type)):
+        return
+    if isinstance(selector, str):
+        try:
+            re.compile(selector)
+        except re.error as e:
+            raise SelectorError(f"{what} {selector!r} is not a valid regex: {e}") from None
+        return
+    if isinstance(selector, (list, tuple, set, frozenset)):
+        for s in selector:
+            check_selector(s, what)
+        return
+    if callable(selector):
+        return
+    raise TypeError(
+        f"{what} must be a regex string, re.Pattern, type, callable (path, leaf) -> bool, bool or a list of "
+        f"those; got {type(selector).__name__}: {selector!r}" + (" (True selects every leaf)" if selector is None else "")
     )
 
 
@@ -196,6 +226,8 @@ def mask(tree: Any, selector: Selector, is_leaf: Callable[[Any], bool] | None = 
     Usable directly as an ``optax.masked`` mask.
     """
 
+    check_selector(selector)
+
     def leaf(x):
         return _default_is_leaf(x) or (is_leaf is not None and is_leaf(x))
 
@@ -218,6 +250,7 @@ def select(
       SelectorError: nothing matched (unless ``allow_empty``); the message lists the
         closest existing paths.
     """
+    check_selector(selector)
     items = leaves_with_paths(tree, is_leaf)
     hits = [p for p, x in items if matches(selector, p, x)]
     if not hits and not allow_empty:
@@ -380,6 +413,7 @@ def summary(
       trainable: a selector for the trainable leaves (e.g. ``peft.trainable``).
       depth: how many leading path components name a group (0: one row per leaf).
     """
+    check_selector(trainable, "summary trainable")
     groups: dict[str, list[int]] = {}
     for p, x in leaves_with_paths(tree, is_leaf):
         if x is None:

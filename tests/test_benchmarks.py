@@ -6,7 +6,7 @@ import pytest
 
 
 @pytest.mark.parametrize(
-    "name", ["lora", "qlora", "adapters", pytest.param("methods", marks=pytest.mark.slow)]  # methods: ~45 s
+    "name", ["lora", "qlora", "adapters", "train_safety", pytest.param("methods", marks=pytest.mark.slow)]  # methods: ~45 s
 )
 def test_benchmark_quick_run(name, monkeypatch, tmp_path):
     from jaxpeft.bench import main

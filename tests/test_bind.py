@@ -136,3 +136,24 @@ def test_delete_and_add_adapter_agree_across_bindings():
     nnx_more = jp.add_adapter(nnx_left, extra, jax.random.key(5))
     np.testing.assert_array_equal(linen_params["block"]["down"]["lora_a@c"],
                                   getattr(nnx_more.block.down, "lora_a@c").get_value())
+
+
+def test_nnx_quantize_refuses_what_no_forward_can_dequantize_naming_the_layer():
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(4, 8, (3,), rngs=rngs)
+            self.lin = nnx.Linear(8, 8, rngs=rngs)
+
+        def __call__(self, x):
+            return self.lin(self.conv(x))
+
+    model = Model(nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"'conv/kernel' \(Conv.kernel\)"):
+        jp.quantize(model)
+    quantized = jp.quantize(model, targets=r"lin/kernel$")
+    assert type(quantized.lin.kernel.get_value()).__name__ == "QuantizedArray"
+    assert type(model.lin.kernel.get_value()).__name__ != "QuantizedArray"  # the input is untouched
+    x = jax.random.normal(jax.random.key(0), (2, 5, 4))
+    peft_model = jp.apply(jp.lora(rank=2, targets=r"lin$"), quantized, jax.random.key(1))
+    want = jp.dequantize(quantized)(x)
+    np.testing.assert_allclose(peft_model(x), want, rtol=1e-5, atol=1e-5)  # B = 0: the dequantized base

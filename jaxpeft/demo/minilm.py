@@ -45,6 +45,7 @@ class BertConfig:
     max_position: int = 512
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
+    new_rows: int = 0  # extra vocabulary rows (ids vocab_size ...), a separate leaf ``embed/new_rows``
 
     @classmethod
     def from_json(cls, path: pathlib.Path) -> "BertConfig":
@@ -102,7 +103,17 @@ class _Embeddings(nn.Module):
     def __call__(self, tokens: jax.Array) -> jax.Array:
         c = self.config
         positions = jnp.arange(tokens.shape[1])[None]
-        x = (nn.Embed(c.vocab_size, c.hidden_size, name="word")(tokens)
+        word = nn.Embed(c.vocab_size, c.hidden_size, name="word")
+        if c.new_rows:
+            # Added tokens live in their own leaf, so training them is a partition: the pretrained
+            # table is frozen and never copied, and the optimizer holds state for new rows only.
+            new = self.param("new_rows", nn.initializers.normal(0.02), (c.new_rows, c.hidden_size))
+            is_new = tokens >= c.vocab_size
+            words = jnp.where(is_new[..., None], jnp.take(new, jnp.maximum(tokens - c.vocab_size, 0), axis=0),
+                              word(jnp.minimum(tokens, c.vocab_size - 1)))
+        else:
+            words = word(tokens)
+        x = (words
              + nn.Embed(c.max_position, c.hidden_size, name="position")(positions)
              + nn.Embed(c.type_vocab_size, c.hidden_size, name="token_type")(jnp.zeros_like(tokens)))
         return nn.LayerNorm(epsilon=c.layer_norm_eps, name="norm")(x)

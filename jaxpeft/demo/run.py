@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     merged = jp.merge(fresh_model, restored)
     merged_diff = float(np.abs(np.asarray(task.model.apply({"params": merged}, check.tokens, check.mask))
                                - tuned_out).max())
-    export_line = export_hf_peft(peft, peft_model, trainable, out_dir / "hf_peft_adapter")
+    export_line = export_hf_peft(peft, trainable, out_dir / "hf_peft_adapter")
 
     # 5. WiSE-FT sweep; alpha 0 is the zero-shot model (B = 0, zero-shot head), alpha 1 the fine-tuned one
     alphas = QUICK_ALPHAS if args.quick else ALPHAS
@@ -249,18 +249,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if identical else 1
 
 
-def export_hf_peft(peft, peft_model, trainable, directory: pathlib.Path) -> str:
-    """Export in Hugging Face PEFT format when ``jaxpeft.interop`` is available."""
-    if importlib.util.find_spec("jaxpeft.interop") is None:
-        return ("HF PEFT export: not available in this build (jaxpeft.interop, issue 10, has not landed); "
-                "the jaxpeft adapter above is the saved form")
-    try:  # pragma: no cover - depends on the bert helper's module
-        from jaxpeft import interop
+def hf_mapping():
+    """Module paths of ``minilm.TextClassifier`` <-> ``transformers.BertModel`` (for ``jaxpeft.interop``)."""
+    from jaxpeft.interop.mapping import PathMapping
 
-        path = interop.export_peft(directory, trainable, peft)
-        return f"HF PEFT adapter written to {path}"
-    except Exception as error:  # noqa: BLE001 - report, do not fail the demo
-        return f"HF PEFT export failed: {type(error).__name__}: {error}"
+    return PathMapping.from_rules(
+        [(r"encoder/layers_(\d+)/attn/(query|key|value)", r"encoder.layer.\1.attention.self.\2"),
+         (r"encoder/layers_(\d+)/attn/out", r"encoder.layer.\1.attention.output.dense"),
+         (r"encoder/layers_(\d+)/mlp/up", r"encoder.layer.\1.intermediate.dense"),
+         (r"encoder/layers_(\d+)/mlp/down", r"encoder.layer.\1.output.dense")],
+        [(r"encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)", r"encoder/layers_\1/attn/\2"),
+         (r"encoder\.layer\.(\d+)\.attention\.output\.dense", r"encoder/layers_\1/attn/out"),
+         (r"encoder\.layer\.(\d+)\.intermediate\.dense", r"encoder/layers_\1/mlp/up"),
+         (r"encoder\.layer\.(\d+)\.output\.dense", r"encoder/layers_\1/mlp/down")],
+    )
+
+
+def export_hf_peft(peft, trainable, directory: pathlib.Path) -> str:
+    """Export the LoRA part in Hugging Face PEFT format (``jaxpeft.interop``, issue 10), when it is present."""
+    if importlib.util.find_spec("jaxpeft.interop") is None:
+        return ("HF PEFT export: not available in this build (jaxpeft.interop, issue 10, is absent); "
+                "the jaxpeft adapter above is the saved form")
+    from jaxpeft import interop
+
+    path = interop.export_peft(directory, peft, trainable, mapping=hf_mapping(),
+                               base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2")
+    files = sorted(f.name for f in pathlib.Path(path).iterdir())
+    return (f"HF PEFT adapter (the LoRA update; the classification head is not part of that format) written to "
+            f"{path}: {files}")
 
 
 def plot(table, chosen: float, path: pathlib.Path, say) -> pathlib.Path | None:

@@ -6,7 +6,8 @@ rewrite rules, tried in order, each a pair ``(flax_regex, torch_template)`` with
 ``(torch_regex, flax_template)`` for the way back; a path no rule matches falls through to the
 default ``"/" -> "."`` rewrite (right for a Flax model whose names mirror the torch one).
 
-Built in: ``"bert"`` (``jaxpeft.models.BertLinen`` / ``BertNnx`` <-> ``transformers.BertModel``) and
+Built in: ``"bert"`` (``jaxpeft.models.BertLinen`` / ``BertNnx`` <-> ``transformers.BertModel``), ``"gemma3"``
+(``jaxpeft.models.gemma`` <-> ``transformers.Gemma3ForCausalLM``) and
 ``"identity"``. Other families register theirs with ``register_mapping(name, mapping)``.
 """
 
@@ -110,4 +111,19 @@ register_mapping("bert", PathMapping.from_rules(
         (r"pooler\.dense", r"pooler"),
     ],
     prefix_sites=("encoder/layer_{i}/attention/key", "encoder/layer_{i}/attention/value"),
+))
+
+_GEMMA_NAMES = [  # jaxpeft.models.gemma module  <->  transformers Gemma3ForCausalLM module (per layer)
+    ("attn/query", "self_attn.q_proj"), ("attn/key", "self_attn.k_proj"), ("attn/value", "self_attn.v_proj"),
+    ("attn/out", "self_attn.o_proj"), ("attn/query_norm", "self_attn.q_norm"), ("attn/key_norm", "self_attn.k_norm"),
+    ("mlp/gate", "mlp.gate_proj"), ("mlp/up", "mlp.up_proj"), ("mlp/down", "mlp.down_proj"),
+    ("attn_norm", "input_layernorm"), ("post_attn_norm", "post_attention_layernorm"),
+    ("mlp_norm", "pre_feedforward_layernorm"), ("post_mlp_norm", "post_feedforward_layernorm"),
+]
+register_mapping("gemma3", PathMapping.from_rules(
+    [(rf"layers_(\d+)/{re.escape(ours)}", rf"model.layers.\1.{theirs}") for ours, theirs in _GEMMA_NAMES]
+    + [(r"embed", "model.embed_tokens"), (r"final_norm", "model.norm")],
+    [(rf"model\.layers\.(\d+)\.{re.escape(theirs)}", rf"layers_\1/{ours}") for ours, theirs in _GEMMA_NAMES]
+    + [(r"model\.embed_tokens", "embed"), (r"model\.norm", "final_norm")],
+    prefix_sites=("layers_{i}/attn/key", "layers_{i}/attn/value"),
 ))

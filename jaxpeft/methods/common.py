@@ -13,18 +13,34 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jaxpeft.tree import Selector
+from jaxpeft.tree import Selector, check_selector
 
 SHARED = "peft_shared"  # the top-level key of leaves a method shares across sites (jaxpeft.bind.plan.SHARED)
 
 Pattern = tuple[tuple[str, Any], ...]
 
 
-def freeze_selector(selector: Selector) -> Selector:
-    """Lists in a selector become tuples (configs are hashable: NNX keeps methods as static attributes)."""
+def freeze_selector(selector: Selector, what: str = "targets") -> Selector:
+    """Lists in a selector become tuples (configs are hashable: NNX keeps methods as static attributes).
+
+    A value that is no selector (``None``) or an invalid regex is refused here, when the transform is built.
+    """
+    check_selector(selector, what)
     if isinstance(selector, (list, set, frozenset)):
         return tuple(freeze_selector(s) for s in selector)
     return selector
+
+
+def caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside jaxpeft (and dataclass-made ``__init__``): the user's line."""
+    import os
+    import sys
+
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename.startswith(package) or frame.f_code.co_filename == "<string>"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def check_adapter_name(method: str, adapter: Any) -> None:
@@ -98,9 +114,18 @@ def check_dropout(method: str, dropout: Any) -> None:
         raise ValueError(f"{method} dropout must be in [0, 1), got {dropout!r}")
 
 
-def dtype_name(dtype: Any) -> str:
-    """A dtype as its canonical name (``"float32"``), so configs are JSON and hashable."""
-    return jnp.dtype(dtype).name
+def dtype_name(dtype: Any, what: str = "param_dtype") -> str:
+    """A dtype as its canonical name (``"float32"``), so configs are JSON and hashable.
+
+    Raises:
+      ValueError: not a dtype (``"bf16"``); the message names ``what`` and the value.
+    """
+    try:
+        return jnp.dtype(dtype).name
+    except TypeError:
+        raise ValueError(
+            f"{what}={dtype!r} is not a dtype; use a name such as 'float32', 'bfloat16' or 'float16', or a jnp dtype"
+        ) from None
 
 
 def broadcast_along(vector: Any, vector_labels: str, layout: str, ndim: int) -> Any:

@@ -45,7 +45,7 @@ def bias_labels(site: Site) -> str:
 
 
 def _check_feedforward(feedforward: Any) -> Any:
-    feedforward = freeze_selector(feedforward)
+    feedforward = None if feedforward is None else freeze_selector(feedforward, "IA3 feedforward")
     items = feedforward if isinstance(feedforward, tuple) else (feedforward,)
     if feedforward is not None and not all(isinstance(s, (str, re.Pattern)) for s in items):
         raise TypeError(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -31,7 +32,9 @@ import jax.numpy as jnp
 from jaxpeft.methods.common import (  # noqa: F401  (re-exported: older code imports them from here)
     Pattern,
     check_adapter_name,
+    caller_level,
     check_dropout,
+    dtype_name,
     freeze_pattern,
     freeze_selector,
     is_alpha,
@@ -110,11 +113,21 @@ class LoRA(PeftMethod):
         if self.init not in INITS:
             raise ValueError(f"LoRA init must be one of {INITS}, got {self.init!r}")
         object.__setattr__(self, "targets", freeze_selector(self.targets))
-        object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
+        object.__setattr__(self, "param_dtype", dtype_name(self.param_dtype, "LoRA param_dtype"))
         rank_pattern = freeze_pattern("LoRA", "rank_pattern", self.rank_pattern, is_rank, "a positive int")
         alpha_pattern = freeze_pattern("LoRA", "alpha_pattern", self.alpha_pattern, is_alpha, "a finite number")
         object.__setattr__(self, "rank_pattern", rank_pattern)
         object.__setattr__(self, "alpha_pattern", alpha_pattern)
+        zero = [f"alpha={self.alpha!r}"] if self.alpha == 0 else []
+        zero += [f"alpha_pattern[{k!r}]={v!r}" for k, v in alpha_pattern if v == 0]
+        if zero:
+            # Legal, but the scale alpha / rank is then 0: the update and every LoRA gradient are zero.
+            warnings.warn(
+                f"LoRA {', '.join(zero)}: the scale alpha / rank is 0, so the adapter's update and the gradients "
+                "of lora_a / lora_b are always zero (nothing trains); did you mean alpha=rank?",
+                UserWarning,
+                stacklevel=caller_level(),
+            )
 
     @property
     def updates_base(self) -> bool:
@@ -320,6 +333,14 @@ def pissa_to_lora(
     Returns:
       ``(A': [*in_shape, 2r], B': [2r, *out_shape])``.
     """
+    shapes = {k: tuple(jnp.shape(v)) for k, v in
+              dict(lora_a=lora_a, lora_b=lora_b, initial_a=initial_a, initial_b=initial_b).items()}
+    if shapes["lora_a"] != shapes["initial_a"] or shapes["lora_b"] != shapes["initial_b"] or (
+        not shapes["lora_a"] or not shapes["lora_b"] or shapes["lora_a"][-1] != shapes["lora_b"][0]
+    ):
+        raise ValueError(
+            f"pissa_to_lora: lora_a [*in, r] / lora_b [r, *out] and the initial factors must agree; got {shapes}"
+        )
     return jnp.concatenate([lora_a, initial_a], axis=-1), jnp.concatenate([lora_b, -initial_b], axis=0)
 
 

@@ -31,6 +31,9 @@ class LMConfig:
         dropout_rate: dropout on embeddings and on each residual branch.
         param_dtype: dtype the parameters are stored in.
         dtype: dtype of the computation (attention softmax is always float32).
+        scan_layers: one stacked block run by ``nn.scan`` (Linen) / built by ``nnx.vmap`` and run by
+            ``nnx.scan`` (NNX) instead of ``num_layers`` separate blocks: compile time stays flat in depth.
+            Its parameters live at ``layers/...`` with a leading ``[num_layers]`` axis.
     """
 
     vocab_size: int
@@ -44,6 +47,7 @@ class LMConfig:
     dropout_rate: float = 0.0
     param_dtype: Any = jnp.float32
     dtype: Any = jnp.float32
+    scan_layers: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_seq_len"):

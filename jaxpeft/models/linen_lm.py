@@ -90,6 +90,24 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(self.norm_mlp(x)), deterministic=deterministic)
 
 
+class _ScannedBlock(Block):
+    """``Block`` as an ``nn.scan`` body, ``(x, mask, deterministic) -> (x, None)``: the same parameter paths."""
+
+    def __call__(self, x: jax.Array, attention_mask: jax.Array | None, deterministic: bool) -> tuple[jax.Array, None]:
+        return super().__call__(x, attention_mask, deterministic), None
+
+
+def _scanned_blocks(config: LMConfig) -> nn.Module:
+    stack = nn.scan(
+        _ScannedBlock,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=config.num_layers,
+    )
+    return stack(config, name="layers")
+
+
 class LinenLM(nn.Module):
     """Decoder-only transformer LM (Linen). Dropout draws from the ``"dropout"`` rng.
 
@@ -107,7 +125,10 @@ class LinenLM(nn.Module):
         embed_kwargs = dict(features=c.d_model, dtype=c.dtype, param_dtype=c.param_dtype)
         self.embed = nn.Embed(c.vocab_size, **embed_kwargs)
         self.pos_embed = nn.Embed(c.max_seq_len, **embed_kwargs)
-        self.layers = [Block(c) for _ in range(c.num_layers)]  # named layers_0, layers_1, ...
+        if c.scan_layers:  # one stacked block at layers/..., its leaves [num_layers, ...]
+            self.layers = _scanned_blocks(c)
+        else:
+            self.layers = [Block(c) for _ in range(c.num_layers)]  # named layers_0, layers_1, ...
         self.norm_final = _norm(c)
         self.head = _dense(c, c.vocab_size)
         self.dropout = nn.Dropout(c.dropout_rate)
@@ -150,7 +171,10 @@ class LinenLM(nn.Module):
         if positions is None:
             positions = jnp.arange(seq)[None, :]
         x = self.dropout(inputs_embeds + self.pos_embed(positions), deterministic=deterministic)
-        for layer in self.layers:
-            x = layer(x, attention_mask, deterministic)
+        if self.config.scan_layers:
+            x, _ = self.layers(x, attention_mask, deterministic)
+        else:
+            for layer in self.layers:
+                x = layer(x, attention_mask, deterministic)
         # float32 logits: the softmax cross-entropy downstream needs the precision.
         return self.head(self.norm_final(x)).astype(jnp.float32)

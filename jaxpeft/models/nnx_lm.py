@@ -101,8 +101,17 @@ class NnxLM(nnx.Module):
         embed_kwargs = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
         self.embed = nnx.Embed(c.vocab_size, c.d_model, **embed_kwargs)
         self.pos_embed = nnx.Embed(c.max_seq_len, c.d_model, **embed_kwargs)
-        for i in range(c.num_layers):
-            setattr(self, f"layers_{i}", Block(c, rngs=rngs))
+        if c.scan_layers:
+            # One stack of blocks (leaves [num_layers, ...] at layers/...), as LinenLM's nn.scan stores it.
+            @nnx.split_rngs(splits=c.num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def create(rngs: nnx.Rngs) -> Block:
+                return Block(c, rngs=rngs)
+
+            self.layers = create(rngs)
+        else:
+            for i in range(c.num_layers):
+                setattr(self, f"layers_{i}", Block(c, rngs=rngs))
         self.norm_final = _norm(c, rngs)
         self.head = _linear(c, c.d_model, c.vocab_size, rngs)
         self.dropout = nnx.Dropout(c.dropout_rate)
@@ -145,8 +154,19 @@ class NnxLM(nnx.Module):
         if positions is None:
             positions = jnp.arange(seq)[None, :]
         x = self.dropout(inputs_embeds + self.pos_embed(positions), deterministic=deterministic, rngs=rngs)
-        for i in range(self.config.num_layers):
-            x = getattr(self, f"layers_{i}")(x, attention_mask, deterministic, rngs)
+        if self.config.scan_layers:
+            if not deterministic and self.config.dropout_rate > 0:
+                raise ValueError("NnxLM with scan_layers=True runs without dropout (deterministic=True); "
+                                 "use scan_layers=False or the Linen model to train with dropout")
+
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+            def run(x: jax.Array, layer: Block) -> jax.Array:
+                return layer(x, attention_mask, True, None)
+
+            x = run(x, self.layers)
+        else:
+            for i in range(self.config.num_layers):
+                x = getattr(self, f"layers_{i}")(x, attention_mask, deterministic, rngs)
         # float32 logits: the softmax cross-entropy downstream needs the precision.
         return self.head(self.norm_final(x)).astype(jnp.float32)
 
