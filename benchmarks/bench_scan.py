@@ -9,6 +9,7 @@ round-robin in one process (median step time, quoted as a ratio).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import jax
@@ -34,6 +35,26 @@ def _compiled_step(config: LMConfig, batch: dict, key: jax.Array) -> tuple[float
     compiled = jax.jit(lambda t, s: raw(t, frozen, s, batch, None)).lower(trainable, state).compile()
     seconds = time.perf_counter() - start
     return seconds, lambda: compiled(trainable, state)
+
+
+def _write(rows: list, sizes: dict, args: argparse.Namespace, repeats: int, argv: list[str] | None) -> None:
+    table = (
+        "| layers | compile unrolled | compile scanned | scanned / unrolled | step unrolled | step scanned | "
+        "scanned / unrolled |\n|---:|---:|---:|---:|---:|---:|---:|\n"
+        + "\n".join(
+            f"| {r['layers']} | {r['compile_seconds_unrolled']:.2f} s | {r['compile_seconds_scanned']:.2f} s | "
+            f"{r['compile_ratio_scanned_vs_unrolled']:.2f}x | {1e3 * r['step_seconds_unrolled']:.1f} ms | "
+            f"{1e3 * r['step_seconds_scanned']:.1f} ms | {r['step_ratio_scanned_vs_unrolled']:.2f}x |"
+            for r in rows
+        )
+    )
+    payload = {"machine": machine(), "sizes": sizes, "batch": args.batch, "seq": args.seq, "repeats": repeats,
+               "command": " ".join(["python -m benchmarks.bench_scan", *(sys.argv[1:] if argv is None else argv)]),
+               "rows": rows}
+    write("scan_vs_unrolled", payload,
+          f"LoRA r=8 (query, value) on the reference LM (d_model {sizes['d_model']}, d_ff {sizes['d_ff']}), "
+          f"batch {args.batch} x {args.seq} tokens, AdamW; compile = one lower+compile, step = median of "
+          f"{repeats} interleaved steps.\n\n" + table, save=not args.quick)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,22 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             "step_seconds_scanned": step["scanned"],
             "step_ratio_scanned_vs_unrolled": step["scanned"] / step["unrolled"],
         })
-    table = (
-        "| layers | compile unrolled | compile scanned | scanned / unrolled | step unrolled | step scanned | "
-        "scanned / unrolled |\n|---:|---:|---:|---:|---:|---:|---:|\n"
-        + "\n".join(
-            f"| {r['layers']} | {r['compile_seconds_unrolled']:.2f} s | {r['compile_seconds_scanned']:.2f} s | "
-            f"{r['compile_ratio_scanned_vs_unrolled']:.2f}x | {1e3 * r['step_seconds_unrolled']:.1f} ms | "
-            f"{1e3 * r['step_seconds_scanned']:.1f} ms | {r['step_ratio_scanned_vs_unrolled']:.2f}x |"
-            for r in rows
-        )
-    )
-    payload = {"machine": machine(), "sizes": sizes, "batch": args.batch, "seq": args.seq, "repeats": repeats,
-               "command": "python -m benchmarks.bench_scan " + " ".join(argv or []), "rows": rows}
-    write("scan_vs_unrolled", payload,
-          f"LoRA r=8 (query, value) on the reference LM (d_model {sizes['d_model']}, d_ff {sizes['d_ff']}), "
-          f"batch {args.batch} x {args.seq} tokens, AdamW; compile = one lower+compile, step = median of "
-          f"{repeats} interleaved steps.\n\n" + table, save=not args.quick)
+        _write(rows, sizes, args, repeats, argv)  # after every depth: a partial run still leaves its rows
     return 0
 
 

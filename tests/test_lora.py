@@ -283,10 +283,11 @@ def test_selector_matching_nothing_lists_nearest_paths():
 
 
 def test_unsupported_layer_type_named():
-    with pytest.raises(TypeError, match=r"matched 'embed' \(Embed\), which it cannot wrap"):
-        linen_setup(jp.lora(2, targets=r"^embed$"))
-    with pytest.raises(TypeError, match=r"matched 'embed' \(Embed\), which it cannot wrap"):
-        jp.apply(jp.lora(2, targets=r"^embed$"), NnxModel(nnx.Rngs(0)), jax.random.key(0))
+    # LoRA wraps Embed (tests/test_embed.py); DoRA does not, and says so by name before any work
+    with pytest.raises(TypeError, match=r"DoRA cannot attach to 'embed': it is a Embed \(embed site\)"):
+        linen_setup(jp.dora(2, targets=r"^embed$"))
+    with pytest.raises(TypeError, match=r"DoRA cannot attach to 'embed': it is a Embed \(embed site\)"):
+        jp.apply(jp.dora(2, targets=r"^embed$"), NnxModel(nnx.Rngs(0)), jax.random.key(0))
 
 
 def test_type_and_list_selectors():

@@ -256,3 +256,54 @@ def test_init_per_layer_is_plain_init_at_a_plain_site():
     assert Probe().init_site(jax.random.key(0), site)["w"].shape == (3,)
     assert Probe().init_site(jax.random.key(0), site.stacked((2, 5)))["w"].shape == (2, 5, 3)
     assert calls[0] == 0 and all(c == 0 for c in calls)
+
+
+class _GemmaLinen(__import__("flax").linen.Module):
+    """The four einsum layers of flax's Gemma attention, chained so each one's output feeds the next."""
+
+    @__import__("flax").linen.compact
+    def __call__(self, x):  # x: [B, T, D=8]
+        nn = __import__("flax").linen
+        q = nn.Einsum((2, 8, 4), "BTD,NDH->BTNH", name="q_einsum")(x)  # [B, T, N, H]
+        kv = nn.Einsum((2, 2, 8, 4), "BTD,CKDH->CBTKH", name="kv_einsum")(x)  # [C, B, T, K, H]
+        qkv = nn.Einsum((3, 2, 8, 4), "BTD,SNDH->SBTNH", name="qkv_einsum")(x)
+        h = q + kv[0] + kv[1] + qkv.sum(0)
+        return nn.Einsum((2, 4, 8), "BTNH,NHD->BTD", name="attn_vec_einsum")(h)
+
+
+@pytest.mark.parametrize("binding", ["linen", "nnx"])
+def test_gemma_einsum_layouts_bind_and_merge(binding):
+    from flax import nnx
+
+    x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+    method = jp.lora(2, 4.0, targets="einsum$")
+    if binding == "linen":
+        model = _GemmaLinen()
+        base = model.init(jax.random.key(1), x)["params"]
+        peft_model, params = jp.apply(method, model, jax.random.key(2), x, params=base)
+        np.testing.assert_allclose(peft_model.apply(params, x), model.apply({"params": base}, x), **TOL)
+        params = jax.tree.map(lambda p: p + 0.1, params)  # B != 0 everywhere
+        y = peft_model.apply(params, x)
+        merged = model.apply({"params": jp.merge(peft_model, params)}, x)
+    else:
+        class Gemma(nnx.Module):
+            def __init__(self, rngs):
+                self.q_einsum = nnx.Einsum("BTD,NDH->BTNH", (2, 8, 4), rngs=rngs)
+                self.kv_einsum = nnx.Einsum("BTD,CKDH->CBTKH", (2, 2, 8, 4), rngs=rngs)
+                self.qkv_einsum = nnx.Einsum("BTD,SNDH->SBTNH", (3, 2, 8, 4), rngs=rngs)
+                self.attn_vec_einsum = nnx.Einsum("BTNH,NHD->BTD", (2, 4, 8), rngs=rngs)
+
+            def __call__(self, x):
+                kv = self.kv_einsum(x)
+                return self.attn_vec_einsum(self.q_einsum(x) + kv[0] + kv[1] + self.qkv_einsum(x).sum(0))
+
+        model = Gemma(nnx.Rngs(1))
+        peft_model = jp.apply(method, model, jax.random.key(2))
+        np.testing.assert_allclose(peft_model(x), model(x), **TOL)
+        for _, layer in jp.peft_layers(peft_model):
+            for name in method.param_names:
+                getattr(layer, name).set_value(getattr(layer, name).get_value() + 0.1)
+        y = peft_model(x)
+        merged = jp.merge(peft_model)(x)
+    assert float(jnp.max(jnp.abs(y - (model.apply({"params": base}, x) if binding == "linen" else model(x))))) > 1e-2
+    np.testing.assert_allclose(merged, y, **TOL)

@@ -37,7 +37,7 @@ from jaxpeft.tree import get_path, set_path
 
 __all__ = ["Bound", "add", "adapter_names", "delete", "fold", "init", "merge", "unmerge", "set_path"]
 
-BASE_LEAVES = ("kernel", "bias")
+BASE_LEAVES = ("kernel", "bias", "embedding")  # the base leaves of every site kind (Site.base_names)
 SHARED_SALT = 2  # fold_in salt of the shared-leaves keys (1 is the soft prompts')
 PROMPT_SALT = 1
 
@@ -181,7 +181,8 @@ def merge(bound: Bound, adapters: Adapters = True) -> dict:
     params = bound.params
     for p in bound.placements:
         node = get_path(params, p.site.path)
-        base = {**base_of(node), "kernel": _float(node["kernel"])}
+        name = p.site.kernel_name  # "embedding" for an Embed
+        base = {**base_of(node), name: _float(node[name])}
         names = set()
         for m in p.methods:
             if adapter_of(m) in active:

@@ -38,11 +38,12 @@ from jaxpeft.bind.plan import (
 from jaxpeft.bind import quantized
 from jaxpeft.bind.quantized import is_quantized
 from jaxpeft.bind.select import Adapters, adapter_of, check_mixed, mixed_call, resolve
-from jaxpeft.methods.site import Site, dense_general_equation
+from jaxpeft.bind.layers import LINEN_WRAPPABLE, linen_site
+from jaxpeft.methods.site import Site
 from jaxpeft.tree import get_path
 from jaxpeft.transform import Transform, methods_of
 
-WRAPPABLE = "Dense, DenseGeneral or Einsum"
+WRAPPABLE = LINEN_WRAPPABLE
 
 
 def _module_path(module: nn.Module) -> str:
@@ -50,30 +51,8 @@ def _module_path(module: nn.Module) -> str:
 
 
 def _site(module: nn.Module, x: Any) -> tuple[Site | None, str | None]:
-    """The site of a Linen layer called on ``x``, or why there is none."""
-    path = _module_path(module)
-    if not isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Einsum)):
-        return None, f"not a {WRAPPABLE}"
-    if not module.has_variable("params", "kernel"):
-        return None, "it has no 'kernel' parameter"
-    kernel = module.get_variable("params", "kernel")
-    shape, dtype = tuple(kernel.shape), jax.numpy.dtype(kernel.dtype).name
-    if isinstance(module, nn.Dense):
-        equation = "...i,io->...o"
-    elif isinstance(module, nn.Einsum):
-        equation = module.einsum_str
-    else:
-        if module.batch_dims:
-            return None, f"DenseGeneral with batch_dims={module.batch_dims} is not supported"
-        axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
-        axis = tuple(a - x.ndim if a >= 0 else a for a in axis)
-        if axis != tuple(range(-len(axis), 0)):
-            return None, f"DenseGeneral contracts axis={module.axis}; only trailing input axes are supported"
-        equation = dense_general_equation(len(axis), len(shape) - len(axis))
-    try:
-        return Site(path, type(module).__name__, equation, shape, dtype), None
-    except ValueError as e:
-        return None, str(e)
+    """The site of a Linen layer called on ``x``, or why there is none (``jaxpeft.bind.layers``)."""
+    return linen_site(module, x)
 
 
 def _call_base(module: nn.Module, next_fun, call_args: tuple, call_kwargs: dict) -> Any:
@@ -227,7 +206,7 @@ class PeftLinen:
             x, rest = call_args[0], call_args[1:]
             fn = lambda x: _call_base(module, next_fun, (x, *rest), call_kwargs)  # noqa: E731
 
-            base = {name: module.get_variable("params", name) for name in ("kernel", "bias")}
+            base = {name: module.get_variable("params", name) for name in placement.site.base_names}
             base = {k: v for k, v in base.items() if v is not None}
 
             def params_of(m):

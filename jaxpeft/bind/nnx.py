@@ -35,11 +35,12 @@ from jaxpeft.bind.plan import SHARED, Layer, Placement, model_methods, outermost
 from jaxpeft.bind import quantized
 from jaxpeft.bind.quantized import is_quantized
 from jaxpeft.bind.select import Adapters, adapter_of, check_mixed, mixed_call, resolve
-from jaxpeft.methods.site import Site, dense_general_equation
+from jaxpeft.bind.layers import NNX_WRAPPABLE, nnx_site
+from jaxpeft.methods.site import Site
 from jaxpeft.transform import Transform
 from jaxpeft.tree import get_path, set_path
 
-WRAPPABLE = "Linear, LinearGeneral or Einsum"
+WRAPPABLE = NNX_WRAPPABLE
 
 
 class PeftParam(nnx.Param):
@@ -51,26 +52,13 @@ def _path_str(path: tuple) -> str:
 
 
 def _site(path: str, module: nnx.Module) -> tuple[Site | None, str | None]:
-    """The site of an NNX layer, or why there is none."""
-    if not isinstance(module, (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)):
-        return None, f"not a {WRAPPABLE}"
-    kernel = module.kernel.get_value()
-    shape, dtype = _layer_kernel_shape(module), jax.numpy.dtype(kernel.dtype).name
-    if isinstance(module, nnx.Linear):
-        equation = "...i,io->...o"
-    elif isinstance(module, nnx.Einsum):
-        equation = module.einsum_str
-    else:
-        if module.batch_axis:
-            return None, f"LinearGeneral with batch_axis={dict(module.batch_axis)} is not supported"
-        n = len(module.axis)
-        if tuple(module.axis) != tuple(range(-n, 0)):
-            return None, f"LinearGeneral contracts axis={module.axis}; only trailing negative axes are supported"
-        equation = dense_general_equation(n, len(shape) - n)
+    """The site of an NNX layer, or why there is none (``jaxpeft.bind.layers``)."""
+    site, why = nnx_site(path, module)
+    if site is None:
+        return None, why
     try:
-        site = Site(path, type(module).__name__, equation, shape, dtype)
         # A layer of an nnx.vmap stack stores [L, *kernel]; each call inside nnx.scan sees one slice.
-        return bound_ops.stacked_site(site, kernel.shape), None
+        return bound_ops.stacked_site(site, getattr(module, site.kernel_name).get_value().shape), None
     except ValueError as e:
         return None, str(e)
 
@@ -107,7 +95,8 @@ def discover(model: nnx.Module) -> tuple[Layer, ...]:
 
 def _base_params(layer: nnx.Module) -> dict[str, Any]:
     """A layer's own ``kernel`` (and ``bias``) values, as methods receive them."""
-    return {k: getattr(layer, k).get_value() for k in ("kernel", "bias") if isinstance(getattr(layer, k, None), nnx.Variable)}
+    names = ("kernel", "bias", "embedding")  # the base leaves of every site kind (Site.base_names)
+    return {k: getattr(layer, k).get_value() for k in names if isinstance(getattr(layer, k, None), nnx.Variable)}
 
 
 class PeftShared(nnx.Module):
@@ -171,7 +160,7 @@ class PeftLayer(nnx.Module):
         return self.active_adapters is None or adapter_of(method) in self.active_adapters
 
     def _base(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-        kernel = self.base_layer.kernel.get_value()
+        kernel = getattr(self.base_layer, self.site.kernel_name).get_value()
         if not is_quantized(kernel):
             return self.base_layer(x, *args, **kwargs)
         return quantized.nnx_call(self.base_layer, x, *args, **kwargs)
@@ -367,7 +356,7 @@ def apply_nnx(peft: Transform, model: nnx.Module, key: jax.Array) -> nnx.Module:
         for layer in layers
         if layer.site is not None
         and layer.path not in placed
-        and is_quantized(layer.module.kernel.get_value())
+        and is_quantized(getattr(layer.module, layer.site.kernel_name).get_value())
         and not isinstance(_get(model, _parts(model, layer.path)), PeftLayer)
     )
     new = copy_graph(model)
@@ -609,7 +598,7 @@ def write(model: nnx.Module, bound: bound_ops.Bound) -> nnx.Module:
         base = _base_params(layer.base_layer)
         changed = {k: node[k] for k in bound_ops.BASE_LEAVES if k in node and node[k] is not base.get(k)}
         base_layer = _layer_with(layer.base_layer, changed) if changed else layer.base_layer
-        if not methods and not is_quantized(base_layer.kernel.get_value()):
+        if not methods and not is_quantized(getattr(base_layer, layer.site.kernel_name).get_value()):
             _set(_get(new, parts[:-1]), parts[-1], base_layer)
             continue
         keep = [n for m in methods for n in m.param_names]
