@@ -165,8 +165,8 @@ def test_cli_convert_both_directions(tmp_path, capsys):
     assert main(["convert", "to-peft", str(tmp_path / "jax"), str(tmp_path / "peft")]) == 0
     assert main(["convert", "from-peft", str(tmp_path / "peft"), str(tmp_path / "jax2")]) == 0
     adapter, metadata = jp.restore_adapter(tmp_path / "jax2")
-    from jaxpeft.interop.convert import transform_from_config
+    from jaxpeft.registry import from_config
 
-    got, _ = _linen_run(transform_from_config(metadata["config"]), base, adapter)
+    got, _ = _linen_run(from_config(metadata["config"]), base, adapter)
     np.testing.assert_allclose(got, want, atol=1e-6)
     assert "wrote" in capsys.readouterr().out

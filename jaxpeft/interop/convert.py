@@ -5,29 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-from collections.abc import Mapping
-from typing import Any
-
 from jaxpeft.interop.hf_peft import PeftFormatError, export_peft, import_peft
 from jaxpeft.interop.mapping import mappings
+from jaxpeft.registry import from_config
 
 USAGE = """usage:
   jaxpeft convert to-peft   JAXPEFT_ADAPTER_DIR PEFT_DIR [--mapping bert] [--model-config config.json]
   jaxpeft convert from-peft PEFT_DIR JAXPEFT_ADAPTER_DIR [--mapping bert]
 """
-
-
-def transform_from_config(config: Mapping[str, Any]) -> Any:
-    """The transform a saved adapter's ``config`` describes (LoRA, DoRA, IA3, prompt / prefix tuning)."""
-    import jaxpeft as jp
-
-    classes = {"lora": jp.LoRA, "dora": jp.DoRA, "ia3": jp.IA3, "prompt_tuning": jp.PromptTuning,
-               "prefix_tuning": jp.PrefixTuning}
-    method = config.get("method")
-    if method not in classes:
-        raise PeftFormatError(f"convert: adapter method {method!r} has no HF PEFT form (convertible: {sorted(classes)})")
-    fields = {k: v for k, v in config.items() if k != "method"}
-    return classes[method](**fields)
 
 
 def main(argv: list[str]) -> int:
@@ -43,7 +28,10 @@ def main(argv: list[str]) -> int:
 
     if args.direction == "to-peft":
         adapter, metadata = jp.restore_adapter(args.source)
-        peft = transform_from_config(metadata["config"] or {})
+        if not metadata.get("config"):
+            raise PeftFormatError(f"convert: {args.source} was saved without a transform config; "
+                                  "save it with jp.save_adapter(..., config=peft)")
+        peft = from_config(metadata["config"], where=str(args.source))
         model_config = None
         if args.model_config:
             model_config = json.loads(pathlib.Path(args.model_config).read_text())
