@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxpeft.train import check_step_functions
+
 __all__ = ["offload", "memory_kinds", "paged_train_step"]
 
 
@@ -86,7 +88,19 @@ def paged_train_step(
       (and ``trainable`` with ``offload_trainable``) must already be in ``memory_kind`` (see
       :func:`offload`); they come back there, donated. Gradients and the update are computed in
       device memory.
+    
+    Raises:
+      TypeError: ``loss_fn`` is not callable, ``optimizer`` is not an optax transformation, or
+        ``offload_trainable`` is not a bool. ValueError: the device has no ``memory_kind`` memory.
     """
+    check_step_functions(loss_fn, optimizer, "paged_train_step")
+    if not isinstance(offload_trainable, bool):
+        raise TypeError(f"paged_train_step: offload_trainable must be a bool, got {offload_trainable!r}")
+    if memory_kind not in memory_kinds():
+        raise ValueError(
+            f"paged_train_step: memory_kind {memory_kind!r} is not a memory of {jax.devices()[0]} "
+            f"(it has {memory_kinds()})"
+        )
     cache: dict = {}
 
     def check(name: str, tree: Any, expected: str) -> None:

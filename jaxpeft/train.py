@@ -65,6 +65,17 @@ def _check_scalar_metrics(metrics: Mapping[str, Any], what: str) -> None:
             )
 
 
+def check_step_functions(loss_fn: Any, optimizer: Any, what: str) -> None:
+    """Raise ``TypeError`` unless ``loss_fn`` is callable and ``optimizer`` is an optax transformation."""
+    if not callable(loss_fn):
+        raise TypeError(f"{what}: loss_fn must be callable, got {type(loss_fn).__name__}")
+    if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
+        raise TypeError(
+            f"{what}: optimizer must be an optax.GradientTransformation (init, update), got "
+            f"{type(optimizer).__name__}"
+        )
+
+
 def _step_count(opt_state: Any) -> Any:
     """The first ``count`` field of an optax state: the number of updates applied so far."""
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
@@ -189,13 +200,7 @@ def make_train_step(
     Raises:
       TypeError: ``loss_fn`` is not callable, or ``optimizer`` is not an optax transformation.
     """
-    if not callable(loss_fn):
-        raise TypeError(f"make_train_step: loss_fn must be callable, got {type(loss_fn).__name__}")
-    if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
-        raise TypeError(
-            f"make_train_step: optimizer must be an optax.GradientTransformation (init, update), got "
-            f"{type(optimizer).__name__}"
-        )
+    check_step_functions(loss_fn, optimizer, "make_train_step")
     if not isinstance(donate, bool):
         raise TypeError(f"make_train_step: donate must be a bool, got {donate!r}")
 

@@ -456,8 +456,12 @@ def prune(tree: Any) -> dict:
     out: dict = {}
     for keypath, leaf in flat:
         leaf = variable_value(leaf)
-        if leaf is None or not keypath:
+        if leaf is None:
             continue
+        if not keypath:
+            raise TypeError(
+                f"prune: expected a tree (dict, list, NNX State) of arrays, got a single {type(leaf).__name__} leaf"
+            )
         node = out
         keys = [_plain_key(k) for k in keypath]
         for k in keys[:-1]:
