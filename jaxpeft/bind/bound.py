@@ -232,10 +232,6 @@ def unmerge(bound: Bound, merged: Mapping, adapters: Adapters = True) -> dict:
     return params
 
 
-def _folded(method: Transform) -> Transform:
-    return method.folded() if hasattr(method, "folded") else method
-
-
 def fold(bound: Bound) -> Bound:
     """Reparameterisations (prefix MLP, P-tuning encoder) replaced by the values they compute."""
     params = dict(bound.params)
@@ -244,14 +240,14 @@ def fold(bound: Bound) -> Bound:
         node = dict(get_path(params, p.site.path))
         methods = []
         for m in p.methods:
-            if hasattr(m, "fold_site"):
-                shared = bound.params[SHARED][shared_key(m)] if getattr(m, "shared_names", ()) else None
+            if m.foldable:  # the protocol declares fold_site on every method; only foldable ones define it
+                shared = bound.params[SHARED][shared_key(m)] if m.shared_names else None
                 leaves = m.fold_site({n: node[n] for n in m.param_names}, p.site, shared)
                 node = {k: v for k, v in node.items() if k not in m.param_names}
                 node.update(leaves)
                 if shared is not None:
                     folded_shared.add(shared_key(m))
-            methods.append(_folded(m))
+            methods.append(m.folded())
         params = set_path(params, p.site.path.split("/"), node)
         placements.append(Placement(p.site, tuple(methods)))
     if folded_shared:
@@ -259,16 +255,16 @@ def fold(bound: Bound) -> Bound:
         params = {k: v for k, v in params.items() if k != SHARED}
         if rest:
             params[SHARED] = rest
-    groups = [_folded(m).group for m in bound.prompts]
+    groups = [m.folded().group for m in bound.prompts]
     clash = sorted({g for g in groups if groups.count(g) > 1})
     if clash:
         raise ValueError(f"folding would put two soft prompts under {clash}; give the adapters different names")
     for m in bound.prompts:
-        if hasattr(m, "fold_model"):
+        if m.foldable:
             leaves = m.fold_model(bound.params[m.group])
             del params[m.group]
             params[m.folded().group] = dict(leaves)
-    return Bound(tuple(placements), tuple(_folded(m) for m in bound.prompts), params)
+    return Bound(tuple(placements), tuple(m.folded() for m in bound.prompts), params)
 
 
 def delete(bound: Bound, adapter: str) -> Bound:

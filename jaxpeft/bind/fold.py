@@ -31,10 +31,6 @@ def _map(peft: Transform, f: Callable[[Transform], Transform]) -> Transform:
     return f(peft)
 
 
-def _folded(method: Transform) -> Transform:
-    return method.folded() if hasattr(method, "folded") else method
-
-
 def fold(peft_model: Any, params: Any = None) -> Any:
     """Replace reparameterisations (prefix MLP, P-tuning encoder) by the values they compute.
 
@@ -51,7 +47,7 @@ def fold(peft_model: Any, params: Any = None) -> Any:
         if params is None:
             raise TypeError("fold(PeftLinen, params): params are required for a Linen model")
         folded = bound_ops.fold(peft_model.bound(params))
-        model = dataclasses.replace(peft_model, peft=_map(peft_model.peft, _folded), placements=folded.placements)
+        model = dataclasses.replace(peft_model, peft=_map(peft_model.peft, lambda method: method.folded()), placements=folded.placements)
         return model, folded.params
     if isinstance(peft_model, nnx.Module):
         if params is not None:
