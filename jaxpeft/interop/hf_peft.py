@@ -27,12 +27,12 @@ import json
 import os
 import pathlib
 import re
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from jaxpeft._files import write_bytes_atomic
 from jaxpeft.interop.mapping import PathMapping, get_mapping
 
 __all__ = ["PeftFormatError", "export_peft", "import_peft", "load_into_nnx", "PREFIX"]
@@ -104,20 +104,6 @@ def _split_leaf(path: str, adapter: str) -> tuple[str, str] | None:
 
 def _layer_index(path: str) -> tuple:
     return tuple(int(x) if x.isdigit() else x for x in re.split(r"(\d+)", path))
-
-
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _pattern_value(pattern: Mapping[str, Any] | None, path: str, default: Any) -> Any:
@@ -209,8 +195,8 @@ def export_peft(directory: str | os.PathLike, peft: Any, adapter: Any, *, mappin
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: np.ascontiguousarray(v.astype(np.float32) if v.dtype.kind == "f" and v.dtype.itemsize < 2 else v)
                for k, v in tensors.items()}
-    _atomic_write(directory / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, (json.dumps(hf_config, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes_atomic(directory / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
+    write_bytes_atomic(directory / CONFIG_NAME, (json.dumps(hf_config, indent=2, sort_keys=True) + "\n").encode())
     return directory
 
 

@@ -18,12 +18,12 @@ import json
 import os
 import pathlib
 import re
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from jaxpeft._files import write_bytes_atomic
 from jaxpeft.models.bert import BertConfig
 
 __all__ = [
@@ -116,23 +116,9 @@ def save_pretrained(directory: str | os.PathLike, config: Any, params: Any) -> p
     hf_config, tensors = _SAVERS[type(config)](config, params)
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / "model.safetensors", save(tensors, metadata={"format": "pt"}))
-    _atomic_write(directory / "config.json", (json.dumps(hf_config, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes_atomic(directory / "model.safetensors", save(tensors, metadata={"format": "pt"}))
+    write_bytes_atomic(directory / "config.json", (json.dumps(hf_config, indent=2, sort_keys=True) + "\n").encode())
     return directory
-
-
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ------------------------------------------------------------------------------------------------ BERT
