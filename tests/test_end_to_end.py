@@ -110,6 +110,7 @@ def test_nnx_training_through_split_lowers_loss():
     assert after < before - 0.3, (before, after)
 
 
+@pytest.mark.slow  # 46 s; the README's demo (MiniLM) runs in CI through tests/test_demo.py's --quick run
 def test_demo_runs_end_to_end(tmp_path, capsys):
     from jaxpeft.demo.tiny import main  # `jaxpeft demo --model tiny`
 

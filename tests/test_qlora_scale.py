@@ -1,7 +1,11 @@
 """The scale benchmark's code path (benchmarks/bench_scale.py) at a tiny shape: what CI can run."""
 
 import dataclasses
+import json
 import math
+import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -20,9 +24,15 @@ def _batch(c, seed=2):
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def test_tiny_shape_runs_one_step_within_its_memory_model():
+def test_tiny_shape_runs_one_step_within_its_memory_model(tmp_path):
+    # In a fresh process, as the benchmark runs each size: peak RSS measured inside pytest's own process
+    # would count every earlier test's memory too.
     c = bs.SHAPES["tiny"]
-    r = bs.run_one(c, steps=2)
+    out = tmp_path / "tiny.json"
+    root = pathlib.Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "benchmarks.bench_scale", "--one", "tiny", "--out", str(out), "--steps", "2"],
+                   cwd=root, check=True, capture_output=True, timeout=600)
+    r = json.loads(out.read_text())
     # random weights, B = 0: the first loss is near the uniform distribution's log(vocab)
     assert abs(r["losses"][0] - math.log(c.vocab)) < 0.5, r["losses"]
     assert r["trainable"] == sum(
