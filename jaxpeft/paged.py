@@ -86,7 +86,8 @@ def paged_train_step(
     Returns:
       ``step(trainable, frozen, opt_state, batch) -> (trainable, opt_state, loss)``. ``opt_state``
       (and ``trainable`` with ``offload_trainable``) must already be in ``memory_kind`` (see
-      :func:`offload`); they come back there, donated. Gradients and the update are computed in
+      :func:`offload`); they come back there as new arrays (nothing is donated: the
+      inputs stay readable, as with ``make_train_step``). Gradients and the update are computed in
       device memory.
     
     Raises:
@@ -127,7 +128,7 @@ def paged_train_step(
 
         in_shardings = (_shardings(trainable), _shardings(frozen), _shardings(opt_state), _shardings(batch))
         out_shardings = (_shardings(trainable), _shardings(opt_state), None)
-        return jax.jit(device_step, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=(0, 2))
+        return jax.jit(device_step, in_shardings=in_shardings, out_shardings=out_shardings)  # donates nothing the caller holds
 
     def step(trainable, frozen, opt_state, batch):
         check("opt_state", opt_state, memory_kind)

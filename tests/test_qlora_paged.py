@@ -69,3 +69,16 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match=r"opt_state.* is in memory 'device', expected 'pinned_host'; place it with"):
         step(trainable, frozen, opt.init(trainable), batch)
     assert "pinned_host" in paged.memory_kinds()
+
+
+def test_paged_step_leaves_the_callers_arrays_readable():
+    """Like make_train_step, the paged step donates nothing: the trainable tree the caller passed stays alive."""
+    trainable = {"w": jnp.ones((4, 4))}
+    opt = optax.adam(1e-2)
+    step = jp.paged_train_step(lambda t, f, b: jnp.sum((t["w"] * b) ** 2), opt)
+    opt_state = jp.offload(opt.init(trainable))
+    new_trainable, new_state, _ = step(trainable, None, opt_state, jnp.ones((4,)))
+    np.testing.assert_array_equal(np.asarray(trainable["w"]), np.ones((4, 4)))
+    assert not trainable["w"].is_deleted()
+    assert not any(x.is_deleted() for x in jax.tree.leaves(opt_state))
+    assert not np.array_equal(np.asarray(new_trainable["w"]), np.ones((4, 4)))
