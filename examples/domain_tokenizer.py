@@ -4,7 +4,7 @@
 2. New tokens: whole words of that vocabulary that MiniLM's tokenizer splits into two or more pieces,
    most frequent in the domain text first (``--new-tokens`` of them); added to MiniLM's tokenizer.
 3. Each new embedding row starts as the mean of the old embeddings of the pieces MiniLM used for it.
-4. Train only the new rows (a separate leaf ``encoder/embed/new_rows``: a partition over rows, the old
+4. Train only the new rows (a separate leaf ``new_rows`` of ``classify.TextClassifier``: a partition over rows, the old
    table stays frozen and bit-identical) plus LoRA and the head; compare with LoRA + head on the old
    vocabulary at the same steps.
 
@@ -30,10 +30,10 @@ import optax
 
 import jaxpeft as jp
 from jaxpeft import train
-from jaxpeft.demo import classify, minilm
+from jaxpeft.demo import classify
 from jaxpeft.demo.run import Task
 
-TARGETS = r"attn/(query|key|value|out)$"
+TARGETS = r"attention/(query|key|value|output)$"
 
 
 def train_wordpiece(texts: list[str], vocab_size: int):
@@ -69,13 +69,13 @@ def extend_tokenizer(base_tokenizer, new_tokens: list[str]):
     return tokenizer
 
 
-def check_vocab(tokenizer, config: minilm.BertConfig) -> None:
-    """Refuse a tokenizer whose vocabulary does not match the model's embedding rows (old + new)."""
+def check_vocab(tokenizer, config, new_rows: int) -> None:
+    """Refuse a tokenizer whose vocabulary does not match the model's embedding rows (``config.vocab_size`` + new)."""
     size = tokenizer.get_vocab_size(with_added_tokens=True)
-    rows = config.vocab_size + config.new_rows
+    rows = config.vocab_size + new_rows
     if size != rows:
         raise ValueError(f"tokenizer vocabulary has {size} ids but the model has {rows} embedding rows "
-                         f"({config.vocab_size} pretrained + {config.new_rows} new); ids >= {rows} would "
+                         f"({config.vocab_size} pretrained + {new_rows} new); ids >= {rows} would "
                          f"index past the table")
 
 
@@ -140,24 +140,24 @@ def main(argv: list[str] | None = None) -> dict:
     wordpiece = train_wordpiece(domain, args.wordpiece_vocab)
     new = choose_new_tokens(wordpiece, task.tokenizer, domain, args.new_tokens)
     tokenizer = extend_tokenizer(task.tokenizer, new)
-    config = minilm.BertConfig(**{**task.config.__dict__, "new_rows": len(new)})
-    check_vocab(tokenizer, config)
+    check_vocab(tokenizer, task.config, len(new))
     say(f"\nWordPiece ({args.wordpiece_vocab} ids) trained on {len(domain)} training docstrings; "
         f"{len(new)} new tokens, e.g. {new[:8]}")
     before = {s: tokens_per_word(task.tokenizer, task.dataset.texts(s)) for s in ("train", "shifted")}
     after = {s: tokens_per_word(tokenizer, task.dataset.texts(s)) for s in ("train", "shifted")}
     splits = {s: classify.tokenize_split(tokenizer, task.dataset, s, args.seq_len)
               for s in ("train", "validation", "test", "shifted")}
-    new_rows = mean_init(task.encoder["embed"]["word"]["embedding"], task.tokenizer, new)
-    base_new = {"encoder": {**task.encoder, "embed": {**task.encoder["embed"], "new_rows": jnp.asarray(new_rows)}},
+    old_table = task.encoder["embeddings"]["word_embeddings"]["embedding"]
+    new_rows = mean_init(old_table, task.tokenizer, new)
+    base_new = {"bert": task.encoder, "new_rows": jnp.asarray(new_rows),
                 "head": task.base["head"]}
-    model_new = minilm.TextClassifier(config, len(task.dataset.labels))
+    model_new = classify.TextClassifier(task.config, len(task.dataset.labels), new_rows=len(new))
     say("\nLoRA + head, old vocabulary")
     acc_old, _, _ = finetune(task.model, task.base, task.splits, args, [], say)
     say("\nLoRA + head + the new embedding rows, domain vocabulary")
-    acc_new, tuned, summary = finetune(model_new, base_new, splits, args, [r"embed/new_rows$"], say)
-    old_identical = bool(np.array_equal(np.asarray(tuned["encoder"]["embed"]["word"]["embedding"]),
-                                        np.asarray(task.encoder["embed"]["word"]["embedding"])))
+    acc_new, tuned, summary = finetune(model_new, base_new, splits, args, [r"^new_rows$"], say)
+    old_identical = bool(np.array_equal(np.asarray(tuned["bert"]["embeddings"]["word_embeddings"]["embedding"]),
+                                        np.asarray(old_table)))
     say(f"\ntokens per word: train {before['train']:.3f} -> {after['train']:.3f}, "
         f"shifted {before['shifted']:.3f} -> {after['shifted']:.3f}")
     say(f"old embedding rows bit-identical after training: {old_identical}; trainable "

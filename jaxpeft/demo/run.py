@@ -28,10 +28,11 @@ import numpy as np
 import optax
 
 import jaxpeft as jp
+from jaxpeft.models.bert import BertConfig, BertLinen
 from jaxpeft import checkpoint, ensembling, optim, train
-from jaxpeft.demo import classify, minilm
+from jaxpeft.demo import classify
 
-DEFAULT_TARGETS = r"attn/(query|key|value|out)$"
+DEFAULT_TARGETS = r"attention/(query|key|value|output)$"
 ALPHAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 QUICK_ALPHAS = (0.0, 0.5, 1.0)
 
@@ -79,13 +80,12 @@ class Task:
         t = time.perf_counter()
         per_label, shifted = (40, 20) if quick else (400, 50)
         self.dataset = classify.cached_dataset(cache_dir, max_per_label=per_label, max_shifted_per_label=shifted)
-        self.tokenizer = minilm.load_tokenizer()
+        self.tokenizer = classify.load_minilm_tokenizer()
         if random_tiny:
-            self.config = minilm.BertConfig.tiny()
-            self.encoder = minilm.BertEncoder(self.config).init(
-                jax.random.key(0), np.ones((1, 4), np.int32), np.ones((1, 4), np.int32))["params"]
+            self.config = BertConfig.tiny(vocab_size=self.tokenizer.get_vocab_size(), max_position_embeddings=512)
+            self.encoder = BertLinen(self.config).init(jax.random.key(0), np.ones((1, 4), np.int32))["params"]
         else:
-            self.config, self.encoder = minilm.load_minilm()
+            self.config, self.encoder = classify.load_minilm()
         self.splits = {s: classify.tokenize_split(self.tokenizer, self.dataset, s, seq_len)
                        for s in ("train", "validation", "test", "shifted")}
         counts = self.dataset.counts()
@@ -93,12 +93,12 @@ class Task:
         for s in self.splits:
             source = "third-party packages" if s == "shifted" else "standard library"
             say(f"  {s:<10} {len(self.splits[s]):5d} examples from the {source}, per label {counts[s]}")
-        what = "random tiny BERT (smoke test)" if random_tiny else f"MiniLM from {minilm.minilm_dir()}"
-        say(f"{what}: {self.config.num_layers} layers, hidden {self.config.hidden_size} "
+        what = "random tiny BERT (smoke test)" if random_tiny else f"MiniLM from {classify.minilm_dir()}"
+        say(f"{what}: {self.config.num_hidden_layers} layers, hidden {self.config.hidden_size} "
             f"({time.perf_counter() - t:.1f} s with the data)")
-        self.model = minilm.TextClassifier(self.config, len(self.dataset.labels))
+        self.model = classify.TextClassifier(self.config, len(self.dataset.labels))
         self.head = classify.zero_shot_head(self.encoder, self.config, self.tokenizer, self.dataset.descriptions)
-        self.base = {"encoder": self.encoder, "head": {"kernel": jnp.asarray(self.head)}}
+        self.base = {"bert": self.encoder, "head": {"kernel": jnp.asarray(self.head)}}
 
 
 def make_peft(args):
@@ -173,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     adapter_dir = out_dir / "adapter"
     checkpoint.save_adapter(adapter_dir, trainable, config=peft.config(), base=task.base, overwrite=True)
     size = sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file())
-    _, fresh_encoder = minilm.load_minilm()  # what a new process does: read the weights again
-    fresh_base = {"encoder": fresh_encoder, "head": {"kernel": jnp.asarray(task.head)}}
+    _, fresh_encoder = classify.load_minilm()  # what a new process does: read the weights again
+    fresh_base = {"bert": fresh_encoder, "head": {"kernel": jnp.asarray(task.head)}}
     probe = task.splits["train"].take(2)
     fresh_model, fresh_params = jp.apply(peft, task.model, jax.random.key(999), probe.tokens, probe.mask,
                                          params=fresh_base)
@@ -250,19 +250,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def hf_mapping():
-    """Module paths of ``minilm.TextClassifier`` <-> ``transformers.BertModel`` (for ``jaxpeft.interop``)."""
-    from jaxpeft.interop.mapping import PathMapping
+    """Module paths of ``classify.TextClassifier`` <-> ``transformers.BertModel``: the built-in "bert" mapping
+    (``jaxpeft.interop``) under the classifier's ``bert/`` prefix."""
+    from jaxpeft.interop.mapping import PathMapping, get_mapping
 
-    return PathMapping.from_rules(
-        [(r"encoder/layers_(\d+)/attn/(query|key|value)", r"encoder.layer.\1.attention.self.\2"),
-         (r"encoder/layers_(\d+)/attn/out", r"encoder.layer.\1.attention.output.dense"),
-         (r"encoder/layers_(\d+)/mlp/up", r"encoder.layer.\1.intermediate.dense"),
-         (r"encoder/layers_(\d+)/mlp/down", r"encoder.layer.\1.output.dense")],
-        [(r"encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)", r"encoder/layers_\1/attn/\2"),
-         (r"encoder\.layer\.(\d+)\.attention\.output\.dense", r"encoder/layers_\1/attn/out"),
-         (r"encoder\.layer\.(\d+)\.intermediate\.dense", r"encoder/layers_\1/mlp/up"),
-         (r"encoder\.layer\.(\d+)\.output\.dense", r"encoder/layers_\1/mlp/down")],
-    )
+    bert = get_mapping("bert")
+    return PathMapping.from_rules([("bert/" + regex, template) for regex, template in bert.to_torch],
+                                  [(regex, "bert/" + template) for regex, template in bert.to_flax],
+                                  tuple("bert/" + site for site in bert.prefix_sites))
 
 
 def export_hf_peft(peft, trainable, directory: pathlib.Path) -> str:
@@ -292,7 +287,7 @@ def plot(table, chosen: float, path: pathlib.Path, say) -> pathlib.Path | None:
 def qlora(task: Task, args, say, evaluate) -> list[str]:
     """The same fine-tune on an NF4 (double-quantized) encoder: accuracy and base-weight memory."""
     encoder_q = jp.quantize(task.encoder, scheme="nf4", block_size=64, double_quant=True)
-    base_q = {"encoder": encoder_q, "head": task.base["head"]}
+    base_q = {"bert": encoder_q, "head": task.base["head"]}
     float_bytes, nf4_bytes = optim.tree_bytes(task.encoder), optim.tree_bytes(encoder_q)
     float_k = optim.tree_bytes(jp.partition(task.encoder, r"kernel$")[0])
     nf4_k = optim.tree_bytes(jp.partition(encoder_q, r"kernel$")[0])
