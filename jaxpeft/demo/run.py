@@ -185,10 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     say(f"jaxpeft demo on {jax.devices()[0].platform}" + (" (--quick)" if args.quick else ""))
     task = Task(args.cache_dir, args.seq_len, args.quick, say)
 
-    def evaluate(peft_model, params, split_names=("validation", "test", "shifted")):
+    def evaluate(peft_model, *params, split_names=("validation", "test", "shifted")):
+        """Accuracies of each params tree; one compiled forward serves them all (same tree structure)."""
         fn = jax.jit(lambda p, t, m: peft_model.apply(p, t, m))
-        return {s: classify.accuracy(classify.predict(fn, params, task.splits[s]), task.splits[s].labels)
-                for s in split_names}
+        return [{s: classify.accuracy(classify.predict(fn, ps, task.splits[s]), task.splits[s].labels)
+                 for s in split_names} for ps in params]
 
     # 2. zero-shot, 3. fine-tuning
     peft, peft_model, zero_shot, tuned, trainable = finetune(task, args, task.base, say, "fine-tuning")
@@ -316,7 +317,7 @@ def qlora(task: Task, args, say, evaluate) -> list[str]:
     float_k = optim.tree_bytes(jp.partition(task.encoder, r"kernel$")[0])
     nf4_k = optim.tree_bytes(jp.partition(encoder_q, r"kernel$")[0])
     peft, peft_model, zero_shot, tuned, _ = finetune(task, args, base_q, say, "QLoRA (NF4 base)")
-    zs, ft = evaluate(peft_model, zero_shot), evaluate(peft_model, tuned)
+    zs, ft = evaluate(peft_model, zero_shot, tuned)
     return [f"  {'zero-shot, NF4 base':<34} {100 * zs['validation']:8.1f}% {100 * zs['test']:8.1f}% "
             f"{100 * zs['shifted']:8.1f}%",
             f"  {'QLoRA fine-tuned (NF4 base)':<34} {100 * ft['validation']:8.1f}% {100 * ft['test']:8.1f}% "
