@@ -1,0 +1,128 @@
+"""jaxpeft against other PEFT libraries on the same work: ``jaxpeft bench peers``.
+
+Every peer trains jaxpeft's reference LM (``LMConfig.bench()``, batch 8 x 128, fp32, AdamW) from the
+same weights, batch and LoRA ``A`` init (``benchmarks/peers/shared.py`` writes them once to an .npz
+that every peer loads), each run in its own process, the peers interleaved over rounds. Figures per
+(row, peer): compile time (first step minus the median step), median step time, tokens/s, peak RSS,
+trainable count, step-time ratio to jaxpeft, and the loss after one step (every peer must agree).
+
+``--quick``: the tiny LM, batch 2 x 16, one round of 3 steps; ``tests/test_peers.py`` runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+
+from benchmarks.common import machine, write
+from benchmarks.peers import shared as S
+from benchmarks.peers.worker import JAX_PEERS, TORCH_PEERS
+
+BASELINE = "jaxpeft-linen"
+ROW_PEERS = {row: JAX_PEERS + TORCH_PEERS for row in S.ROWS}
+# The loss after one step must agree to this relative tolerance (fp32; XLA and torch sum in different orders).
+LOSS_RTOL = 1e-4
+
+
+def run_peer(peer: str, row: str, path: pathlib.Path, steps: int) -> dict:
+    """One fresh process; its ``PEER_RESULT`` line parsed."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.peers.worker", peer, row, str(path), str(steps)],
+                          capture_output=True, text=True, env=env, cwd=pathlib.Path(__file__).resolve().parent.parent)
+    for line in proc.stdout.splitlines():
+        if line.startswith("PEER_RESULT "):
+            return json.loads(line[len("PEER_RESULT "):])
+    raise RuntimeError(f"peer {peer} on row {row} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def measure(rows, peers_of, quick: bool, rounds: int, steps: int) -> list[dict]:
+    batch, seq = S.batch_shape(quick)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "shared.npz"
+        S.make(path, quick)
+        runs: dict[tuple[str, str], list[dict]] = {}
+        for _ in range(rounds):  # interleaved: every peer once per round, so load changes hit all alike
+            for row in rows:
+                for peer in peers_of[row]:
+                    runs.setdefault((row, peer), []).append(run_peer(peer, row, path, steps))
+    out = []
+    for (row, peer), results in runs.items():
+        step = statistics.median(t for r in results for t in r["step_seconds"][1:])
+        first = statistics.median(r["step_seconds"][0] for r in results)
+        out.append({
+            "row": row, "peer": peer, "trainable_params": results[0]["trainable_params"],
+            "loss_initial": results[0]["losses"][0], "loss_after_one_step": results[0]["losses"][1],
+            "step_seconds": step, "compile_seconds": max(first - step, 0.0), "tokens_per_second": batch * seq / step,
+            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in results), "runs": len(results),
+        })
+    for r in out:
+        base = next(b for b in out if b["row"] == r["row"] and b["peer"] == BASELINE)
+        r["step_ratio_vs_jaxpeft"] = r["step_seconds"] / base["step_seconds"]
+        r["same_work"] = (r["trainable_params"] == base["trainable_params"]
+                          and abs(r["loss_after_one_step"] - base["loss_after_one_step"])
+                          <= LOSS_RTOL * abs(base["loss_after_one_step"]))
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| work | peer | trainable | loss after 1 step | compile | step | tokens/s | peak RSS | vs jaxpeft |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
+    return head + "\n".join(
+        f"| {r['row']} | {r['peer']} | {r['trainable_params']:,} | {r['loss_after_one_step']:.6f} | "
+        f"{r['compile_seconds']:.2f} s | {1e3 * r['step_seconds']:.1f} ms | {r['tokens_per_second']:,.0f} | "
+        f"{r['peak_rss_bytes'] / 2**20:.0f} MiB | {r['step_ratio_vs_jaxpeft']:.2f}x |" for r in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="benchmarks.bench_peers")
+    p.add_argument("--quick", action="store_true", help="tiny LM, one round of 3 steps (checks same work)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=6, help="steps per run; the first one compiles")
+    p.add_argument("--rows", default=",".join(S.ROWS), help=f"comma-separated, from {', '.join(S.ROWS)}")
+    p.add_argument("--peers", default=None, help="comma-separated peers (default: all of each row)")
+    p.add_argument("--no-torch", action="store_true", help="only the JAX peers")
+    args = p.parse_args(argv)
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    for r in rows:
+        if r not in S.ROWS:
+            raise SystemExit(f"--rows: unknown row {r!r}; known: {', '.join(S.ROWS)}")
+    wanted = None if args.peers is None else {BASELINE, *args.peers.split(",")}
+    peers_of = {r: tuple(p for p in ROW_PEERS[r] if (wanted is None or p in wanted)
+                         and not (args.no_torch and p in TORCH_PEERS)) for r in rows}
+    rounds, steps = (1, 3) if args.quick else (args.rounds, args.steps)
+    results = measure(rows, peers_of, args.quick, rounds, steps)
+    c = S.config(args.quick)
+    batch, seq = S.batch_shape(args.quick)
+    payload = {"machine": {**machine(), **_versions(), "load_average": os.getloadavg()},
+               "command": "python -m benchmarks.bench_peers " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "config": {k: str(v) for k, v in vars(c).items()}, "batch": batch, "seq": seq,
+               "rounds": rounds, "steps": steps, "rank": S.RANK, "alpha": S.ALPHA, "rows": results}
+    text = (f"Reference LM ({c.num_layers} layers, d_model {c.d_model}, d_ff {c.d_ff}, vocab {c.vocab_size}), "
+            f"batch {batch} x {seq}, fp32, AdamW, LoRA r={S.RANK}; {rounds} interleaved rounds of {steps} steps, "
+            f"each peer in its own process; load average {payload['machine']['load_average']}.\n\n" + table(results))
+    write("peers", payload, text, save=not args.quick)
+    bad = [f"{r['row']}/{r['peer']}" for r in results if not r["same_work"]]
+    if bad:
+        print(f"NOT THE SAME WORK as {BASELINE}: {', '.join(bad)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _versions() -> dict:
+    out = {}
+    for name in ("torch", "peft", "transformers", "qwix", "bitsandbytes"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # absent or broken: the figure says so
+            out[name] = None
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,98 @@
+"""The JAX peers: jaxpeft (Linen), each a function ``(row, shared, steps) -> figures``."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from benchmarks.peers import shared as S
+
+
+def _nest(flat: dict[str, np.ndarray], prefix: str) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        if not key.startswith(prefix):
+            continue
+        *parents, leaf = key[len(prefix):].split("/")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def _optimizer():
+    import optax
+
+    return optax.adamw(S.LEARNING_RATE, b1=S.BETAS[0], b2=S.BETAS[1], eps=S.EPS, weight_decay=S.WEIGHT_DECAY)
+
+
+def _timed_steps(step, state, steps: int) -> dict:
+    """Run ``state = step(state) -> (state, loss)`` ``steps`` times; the first call includes compilation."""
+    import jax
+
+    losses, times = [], []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, loss = step(state)
+        loss = float(jax.block_until_ready(loss))
+        times.append(time.perf_counter() - t)
+        losses.append(loss)
+    return {"losses": losses, "step_seconds": times}
+
+
+def jaxpeft_linen(row: str, arrays: dict, steps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    import jaxpeft as jp
+    from jaxpeft.models import LinenLM
+
+    c = S.config(bool(arrays["quick"]))
+    model = LinenLM(c)
+    tokens = jnp.asarray(arrays["tokens"])
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    base = jax.tree.map(jnp.asarray, _nest(arrays, "params/"))
+    targets = S.ROWS[row]
+    if targets is None:
+        apply_fn, params, selector = (lambda p, x: model.apply({"params": p}, x)), base, True
+    else:
+        regex = "({})/({})$".format("|".join(sorted({S.PARENT[t] for t in targets})), "|".join(targets))
+        peft_model, params = jp.apply(jp.lora(S.RANK, S.ALPHA, targets=regex), model, jax.random.key(0),
+                                      batch["inputs"], params=base)
+        params = _with_shared_a(params, arrays)  # the shared A init; B starts at zero
+        apply_fn, selector = peft_model.apply, peft_model.trainable
+    trainable, frozen = jp.partition(params, selector)
+    opt = _optimizer()
+
+    def loss_fn(t, f, b, rng):
+        return jp.cross_entropy(apply_fn(jp.combine(t, f), b["inputs"]), b["targets"])[0]
+
+    train_step = jp.make_train_step(loss_fn, opt)
+
+    def step(state):
+        t, s = state
+        t, s, metrics = train_step(t, frozen, s, batch, None)
+        return (t, s), metrics["loss"]
+
+    out = _timed_steps(step, (trainable, opt.init(trainable)), steps)
+    out["trainable_params"] = int(sum(x.size for x in jax.tree.leaves(trainable)))
+    return out
+
+
+def _with_shared_a(params: dict, arrays: dict) -> dict:
+    """``params`` with every ``lora_a`` replaced by the shared init of its layer."""
+    import jax
+    import jax.numpy as jnp
+
+    def replace(keys, leaf):
+        names = [k.key for k in keys]
+        if names[-1] != "lora_a":
+            return leaf
+        return jnp.asarray(arrays["lora_a/" + "/".join(names[:-1])])
+
+    return jax.tree_util.tree_map_with_path(replace, params)
+
+
+PEERS = {"jaxpeft-linen": jaxpeft_linen}

@@ -1,0 +1,71 @@
+"""The work every peer does: model sizes, targets, batch, optimizer, and the shared initial arrays."""
+
+from __future__ import annotations
+
+import pathlib
+import resource
+import sys
+
+import numpy as np
+
+RANK = 8
+ALPHA = 16.0
+LEARNING_RATE = 1e-3
+WEIGHT_DECAY = 0.01  # decoupled (AdamW), the same in optax and torch
+BETAS = (0.9, 0.999)
+EPS = 1e-8
+
+# row -> the linear layers that get an adapter (None: full fine-tuning, every parameter trains)
+ROWS = {
+    "lora_qv": ("query", "value"),
+    "lora_all": ("query", "key", "value", "out", "up", "down"),
+    "full": None,
+}
+# module name -> its parent in the reference LM (``layers_{i}/<parent>/<name>``)
+PARENT = {"query": "attn", "key": "attn", "value": "attn", "out": "attn", "up": "mlp", "down": "mlp"}
+
+
+def config(quick: bool):
+    from jaxpeft.models import LMConfig
+
+    return LMConfig.tiny() if quick else LMConfig.bench()
+
+
+def batch_shape(quick: bool) -> tuple[int, int]:
+    return (2, 16) if quick else (8, 128)
+
+
+def make(path: pathlib.Path, quick: bool, seed: int = 0) -> None:
+    """Write the shared arrays: ``params/<path>`` (the LM's weights, Linen paths), ``tokens`` [batch, seq+1]
+    and ``lora_a/<layers_i/parent/name>`` [in, rank] for every linear layer (the LoRA ``A`` init)."""
+    import jax
+
+    from jaxpeft.models import LinenLM
+
+    c = config(quick)
+    batch, seq = batch_shape(quick)
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, c.vocab_size, (batch, seq + 1), dtype=np.int32)
+    params = LinenLM(c).init(jax.random.key(seed), tokens[:, :-1])["params"]
+    arrays = {"tokens": tokens, "quick": np.array(quick)}
+    for keys, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        arrays["params/" + "/".join(k.key for k in keys)] = np.asarray(leaf)
+    for i in range(c.num_layers):
+        for name, parent in PARENT.items():
+            fan_in = c.d_ff if name == "down" else c.d_model
+            bound = 1.0 / np.sqrt(fan_in)  # kaiming-uniform(a=sqrt 5), HF PEFT's and jaxpeft's default
+            arrays[f"lora_a/layers_{i}/{parent}/{name}"] = rng.uniform(-bound, bound, (fan_in, RANK)).astype(np.float32)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def load(path: str) -> dict[str, np.ndarray]:
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

@@ -1,0 +1,139 @@
+"""The torch peers: HF PEFT on a torch copy of jaxpeft's reference LM, eager and ``torch.compile``.
+
+``TorchLM`` is the same math as ``jaxpeft.models.LinenLM`` (pre-norm RMSNorm blocks, learned positions,
+causal attention, tanh-GELU MLP, untied head); it loads the shared Linen weights (kernels transposed).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from benchmarks.peers import shared as S
+
+
+def _torch_lm(c):
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.query, self.key, self.value, self.out = (nn.Linear(c.d_model, c.d_model, bias=c.use_bias) for _ in range(4))
+
+        def forward(self, x):
+            b, s, d = x.shape
+            q, k, v = (m(x).view(b, s, c.num_heads, c.head_dim).transpose(1, 2) for m in (self.query, self.key, self.value))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.out(y.transpose(1, 2).reshape(b, s, d))
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.Linear(c.d_model, c.d_ff, bias=c.use_bias)
+            self.down = nn.Linear(c.d_ff, c.d_model, bias=c.use_bias)
+
+        def forward(self, x):
+            return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm_attn, self.norm_mlp = nn.RMSNorm(c.d_model, eps=1e-6), nn.RMSNorm(c.d_model, eps=1e-6)
+            self.attn, self.mlp = Attention(), MLP()
+
+        def forward(self, x):
+            x = x + self.attn(self.norm_attn(x))
+            return x + self.mlp(self.norm_mlp(x))
+
+    class TorchLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(c.vocab_size, c.d_model)
+            self.pos_embed = nn.Embedding(c.max_seq_len, c.d_model)
+            self.layers = nn.ModuleList(Block() for _ in range(c.num_layers))
+            self.norm_final = nn.RMSNorm(c.d_model, eps=1e-6)
+            self.head = nn.Linear(c.d_model, c.vocab_size, bias=c.use_bias)
+
+        def forward(self, tokens):
+            x = self.embed(tokens) + self.pos_embed(torch.arange(tokens.shape[1]))[None]
+            for layer in self.layers:
+                x = layer(x)
+            return self.head(self.norm_final(x))
+
+    return TorchLM()
+
+
+def _torch_name(linen_path: str) -> tuple[str, str]:
+    """``layers_0/attn/query/kernel`` -> (``layers.0.attn.query``, ``weight``); kernels are transposed."""
+    *module, leaf = linen_path.split("/")
+    if module[0].startswith("layers_"):
+        module = ["layers", module[0][len("layers_"):], *module[1:]]
+    return ".".join(module), {"kernel": "weight", "bias": "bias", "scale": "weight", "embedding": "weight"}[leaf]
+
+
+def _load(model, arrays: dict) -> None:
+    import torch
+
+    state = {}
+    for key, value in arrays.items():
+        if key.startswith("params/"):
+            module, leaf = _torch_name(key[len("params/"):])
+            state[f"{module}.{leaf}"] = torch.from_numpy(value.T.copy() if key.endswith("/kernel") else value)
+    model.load_state_dict(state, strict=True)  # raises naming any missing or unexpected key
+
+
+def _peft_run(row: str, arrays: dict, steps: int, compile: bool) -> dict:
+    import torch
+    from torch.nn import functional as F
+
+    c = S.config(bool(arrays["quick"]))
+    model = _torch_lm(c)
+    _load(model, arrays)
+    targets = S.ROWS[row]
+    if targets is not None:
+        import peft
+
+        lora = peft.LoraConfig(r=S.RANK, lora_alpha=S.ALPHA, lora_dropout=0.0, target_modules=list(targets))
+        model = peft.get_peft_model(model, lora)
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+                    module.lora_A["default"].weight.copy_(torch.from_numpy(arrays[_a_key(name)].T.copy()))
+    tokens = torch.from_numpy(arrays["tokens"].astype(np.int64))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=S.LEARNING_RATE, betas=S.BETAS, eps=S.EPS, weight_decay=S.WEIGHT_DECAY)
+    forward = torch.compile(model) if compile else model
+
+    losses, times = [], []
+    for _ in range(steps):
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        logits = forward(inputs)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+        losses.append(float(loss.detach()))
+    return {"losses": losses, "step_seconds": times, "trainable_params": int(sum(p.numel() for p in params))}
+
+
+def _a_key(torch_name: str) -> str:
+    """``base_model.model.layers.0.attn.query`` -> ``lora_a/layers_0/attn/query``."""
+    parts = torch_name.split(".")
+    i = parts.index("layers")
+    return "lora_a/" + "/".join([f"layers_{parts[i + 1]}", *parts[i + 2:]])
+
+
+def peft_eager(row, arrays, steps):
+    return _peft_run(row, arrays, steps, compile=False)
+
+
+def peft_compiled(row, arrays, steps):
+    return _peft_run(row, arrays, steps, compile=True)
+
+
+PEERS = {"peft-eager": peft_eager, "peft-compile": peft_compiled}
