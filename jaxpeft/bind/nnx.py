@@ -134,6 +134,16 @@ class PeftLayer(nnx.Module):
         self.shared = nnx.data({})
         self.add(placement.methods, params, key)
 
+    def __getattr__(self, name: str) -> Any:
+        # Called only where normal lookup fails: the wrapped layer's public attributes (``kernel``,
+        # ``features``, ``in_features``, ``einsum_str``, ``use_bias``, ...) read through, so model code
+        # reading ``self.proj.kernel`` keeps working. Private and dunder names are not forwarded (flax
+        # and copy/pickle probe those and must see this layer's own answer).
+        base = self.__dict__.get("base_layer")
+        if base is None or name.startswith("_"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(base, name)
+
     def add(self, methods: tuple, params: dict[str, jax.Array], key: jax.Array, shared: dict | None = None) -> None:
         """Put more methods (and their leaves) on this layer; used while building a new graph."""
         self.methods = self.methods + tuple(methods)
