@@ -95,4 +95,58 @@ def _with_shared_a(params: dict, arrays: dict) -> dict:
     return jax.tree_util.tree_map_with_path(replace, params)
 
 
-PEERS = {"jaxpeft-linen": jaxpeft_linen}
+def nnx_lora(row: str, arrays: dict, steps: int) -> dict:
+    """``flax.nnx.LoRA`` wrapping each target ``nnx.Linear`` of jaxpeft's ``NnxLM`` (its own LoRA, no jaxpeft).
+
+    ``nnx.LoRA`` computes ``base(x) + x @ a @ b`` with no ``alpha / rank`` scale, so ``a`` starts at
+    ``scale * A``: the same forward, and (Adam being invariant to a gradient's scale) the same first step.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    import jaxpeft as jp
+    from jaxpeft.models import NnxLM
+
+    c = S.config(bool(arrays["quick"]))
+    model = NnxLM(c, rngs=nnx.Rngs(0))
+    for path, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Variable):
+            var[...] = jnp.asarray(arrays["params/" + "/".join(map(str, path))])
+    targets = S.ROWS[row]
+    wanted = nnx.Param
+    if targets is not None:
+        scale = S.ALPHA / S.RANK
+        for i in range(c.num_layers):
+            for name in targets:
+                parent = getattr(getattr(model, f"layers_{i}"), S.PARENT[name])
+                base = getattr(parent, name)
+                lora = nnx.LoRA(base.in_features, S.RANK, base.out_features, base_module=base, rngs=nnx.Rngs(0))
+                lora.lora_a[...] = scale * jnp.asarray(arrays[f"lora_a/layers_{i}/{S.PARENT[name]}/{name}"])
+                setattr(parent, name, lora)
+        wanted = nnx.LoRAParam
+    graphdef, trainable, frozen = nnx.split(model, wanted, ...)
+    tokens = jnp.asarray(arrays["tokens"])
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    opt = _optimizer()
+
+    @jax.jit
+    def train_step(t, s):
+        def loss_fn(t):
+            return jp.cross_entropy(nnx.merge(graphdef, t, frozen)(inputs), labels)[0]
+
+        loss, grads = jax.value_and_grad(loss_fn)(t)
+        updates, s = opt.update(grads, s, t)
+        return optax.apply_updates(t, updates), s, loss
+
+    def step(state):
+        t, s, loss = train_step(*state)
+        return (t, s), loss
+
+    out = _timed_steps(step, (trainable, opt.init(trainable)), steps)
+    out["trainable_params"] = int(sum(x.size for x in jax.tree.leaves(trainable)))
+    return out
+
+
+PEERS = {"jaxpeft-linen": jaxpeft_linen, "nnx-lora": nnx_lora}
