@@ -21,6 +21,10 @@ their parameters have these paths::
 Norm ``scale`` follows Hugging Face's convention: the layer multiplies by ``1 + scale`` (zeros = identity).
 Every projection is a plain ``nn.Dense`` / ``nnx.Linear``, so every PEFT method can target it.
 
+Packing: ``segment_ids=`` ``[batch, seq]`` (0 = padding) puts several examples in one row; a token
+attends only to earlier tokens of its own segment, and RoPE positions restart at 0 in each segment, so
+each example's logits are those it has alone in a row.
+
 Decoding with a KV cache: ``init_cache(config, batch, max_len)`` gives explicit arrays; passing
 ``cache=`` and ``cache_index=`` to ``__call__`` writes the new keys/values at slots
 ``cache_index .. cache_index + seq`` and returns ``(logits, new_cache)``.
@@ -42,6 +46,7 @@ __all__ = [
     "GemmaLinen",
     "GemmaNnx",
     "init_cache",
+    "segment_positions",
     "gemma_nnx_from_params",
     "gemma_params_from_nnx",
 ]
@@ -179,6 +184,20 @@ def attention_mask_for(
     return mask
 
 
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """RoPE positions that restart at 0 where a packed segment starts.
+
+    segment_ids: int [batch, seq]; each run of equal ids is one segment (0 = padding, also counted
+    from 0 so padding never shifts a real token). Returns int32 [batch, seq].
+    """
+    seq = segment_ids.shape[1]
+    index = jnp.arange(seq, dtype=jnp.int32)[None, :]
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+                             axis=1)
+    start_index = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+    return index - start_index
+
+
 def grouped_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, softcap: float | None
 ) -> jax.Array:
@@ -211,7 +230,8 @@ def init_cache(config: GemmaConfig, batch: int, max_len: int, dtype: Any = None)
                  for _ in range(config.num_layers))
 
 
-def _check_call(config: GemmaConfig, tokens, inputs_embeds, attention_mask, positions, cache, cache_index):
+def _check_call(config: GemmaConfig, tokens, inputs_embeds, attention_mask, positions, cache, cache_index,
+                segment_ids=None):
     if (tokens is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of tokens [batch, seq] and inputs_embeds [batch, seq, d_model]")
     if tokens is not None and jnp.ndim(tokens) != 2:
@@ -223,6 +243,15 @@ def _check_call(config: GemmaConfig, tokens, inputs_embeds, attention_mask, posi
         raise ValueError(f"positions must be [batch, seq] = {(batch, seq)}, got {jnp.shape(positions)}")
     if (cache is None) != (cache_index is None):
         raise ValueError("cache and cache_index go together: pass both or neither")
+    if segment_ids is not None:
+        if jnp.shape(segment_ids) != (batch, seq):
+            raise ValueError(f"segment_ids must be int [batch, seq] = {(batch, seq)}, got {jnp.shape(segment_ids)}")
+        if not jnp.issubdtype(jnp.result_type(segment_ids), jnp.integer):
+            raise ValueError(f"segment_ids must hold integers, got dtype {jnp.result_type(segment_ids)}")
+        if cache is not None:
+            raise ValueError("segment_ids (packed rows) is for training and scoring, not for decoding with a cache")
+        if attention_mask is not None:
+            raise ValueError("pass segment_ids or attention_mask, not both: segment id 0 already marks padding")
     if cache is not None:
         if len(cache) != config.num_layers:
             raise ValueError(f"cache has {len(cache)} layers, the config {config.num_layers}")
@@ -243,8 +272,11 @@ def _check_call(config: GemmaConfig, tokens, inputs_embeds, attention_mask, posi
     return batch, seq
 
 
-def _attend(config, layer, q, k, v, positions, attention_mask, layer_cache, cache_index):
-    """RoPE, cache update and attention. q: [b, s, h, hd], k, v: [b, s (+ prefix), kvh, hd]."""
+def _attend(config, layer, q, k, v, positions, attention_mask, layer_cache, cache_index, segment_ids=None):
+    """RoPE, cache update and attention. q: [b, s, h, hd], k, v: [b, s (+ prefix), kvh, hd].
+
+    segment_ids: int [b, s] or None: a query sees only keys of its own segment (0 = padding, seen by none).
+    """
     batch, seq = q.shape[:2]
     is_global = config.is_global(layer)
     base = config.rope_base if is_global else config.rope_local_base
@@ -257,10 +289,15 @@ def _attend(config, layer, q, k, v, positions, attention_mask, layer_cache, cach
         k = jnp.concatenate([k[:, :prefix], k_new], axis=1)
         query_slots = jnp.arange(seq) + prefix
         key_slots = jnp.arange(k.shape[1])
-        key_valid = attention_mask
-        if attention_mask is not None and prefix:
-            key_valid = jnp.pad(attention_mask != 0, ((0, 0), (prefix, 0)), constant_values=True)
+        key_valid = attention_mask if segment_ids is None else segment_ids
+        if key_valid is not None and prefix:
+            key_valid = jnp.pad(key_valid != 0, ((0, 0), (prefix, 0)), constant_values=True)
         mask = attention_mask_for(query_slots, key_slots, key_valid, window)
+        if segment_ids is not None:
+            # Packed rows: a segment is contiguous, so the slot-based causal window above is also the
+            # window over its own positions; the same-segment test removes every other example.
+            key_segments = jnp.pad(segment_ids, ((0, 0), (prefix, 0)), constant_values=-1)
+            mask = mask & (segment_ids[:, :, None] == key_segments[:, None, :])[:, None]
         # learned prefix keys are visible to every query (outside the causal window)
         if prefix:
             mask = mask | (key_slots < prefix)[None, None, None, :]
@@ -291,9 +328,11 @@ def _embed_scale(config: GemmaConfig, x: jax.Array) -> jax.Array:
     return x * jnp.asarray(config.d_model ** 0.5, dtype=x.dtype)
 
 
-def _default_positions(positions, seq, cache_index):
+def _default_positions(positions, seq, cache_index, segment_ids=None):
     if positions is not None:
         return positions
+    if segment_ids is not None:
+        return segment_positions(segment_ids)
     start = 0 if cache_index is None else cache_index
     return (start + jnp.arange(seq))[None, :]
 
@@ -305,9 +344,12 @@ _CALL_DOC = """Next-token logits.
           inputs_embeds: [batch, seq, d_model] token embeddings, already scaled (see ``embed_tokens``).
           attention_mask: without a cache [batch, seq]; with a cache [batch, max_len] over the cache
             slots. 1 = real token, 0 = padding (left padding keeps slot differences = position differences).
-          positions: int [batch, seq] RoPE positions; default ``cache_index + 0 .. seq-1``.
+          positions: int [batch, seq] RoPE positions; default ``cache_index + 0 .. seq-1``, or with
+            ``segment_ids`` ``segment_positions(segment_ids)`` (0 at each segment's first token).
           cache: the KV cache from ``init_cache`` (or a previous call), or None.
           cache_index: int scalar, the slot of ``tokens[:, 0]`` in the cache (with ``cache``).
+          segment_ids: int [batch, seq] for packed rows (no cache, no ``attention_mask``): each run of
+            equal ids is one example, attending only to its own earlier tokens; 0 = padding.
 
         Returns:
           float32 logits [batch, seq, vocab_size]; with a cache ``(logits, new_cache)``.
@@ -347,13 +389,14 @@ class AttentionLinen(nn.Module):
         self.query_norm = RMSNormLinen(c.rms_norm_eps, c.param_dtype)
         self.key_norm = RMSNormLinen(c.rms_norm_eps, c.param_dtype)
 
-    def __call__(self, x, positions, attention_mask, layer_cache, cache_index):
+    def __call__(self, x, positions, attention_mask, layer_cache, cache_index, segment_ids=None):
         c = self.config
         batch, seq, _ = x.shape
         q = self.query_norm(self.query(x).reshape(batch, seq, c.num_heads, c.head_dim))
         k = self.key_norm(self.key(x).reshape(batch, -1, c.num_kv_heads, c.head_dim))
         v = self.value(x).reshape(batch, -1, c.num_kv_heads, c.head_dim)
-        out, new_cache = _attend(c, self.layer, q, k, v, positions, attention_mask, layer_cache, cache_index)
+        out, new_cache = _attend(c, self.layer, q, k, v, positions, attention_mask, layer_cache, cache_index,
+                                 segment_ids)
         return self.out(out.reshape(batch, seq, c.num_heads * c.head_dim)), new_cache
 
 
@@ -384,8 +427,9 @@ class BlockLinen(nn.Module):
         self.mlp = MLPLinen(c)
         self.post_mlp_norm = RMSNormLinen(c.rms_norm_eps, c.param_dtype)
 
-    def __call__(self, x, positions, attention_mask, layer_cache, cache_index):
-        h, new_cache = self.attn(self.attn_norm(x), positions, attention_mask, layer_cache, cache_index)
+    def __call__(self, x, positions, attention_mask, layer_cache, cache_index, segment_ids=None):
+        h, new_cache = self.attn(self.attn_norm(x), positions, attention_mask, layer_cache, cache_index,
+                                 segment_ids)
         x = x + self.post_attn_norm(h)
         return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x))), new_cache
 
@@ -413,17 +457,19 @@ class GemmaLinen(nn.Module):
         return _embed_scale(self.config, self.embed(tokens))
 
     def __call__(self, tokens=None, *, inputs_embeds=None, attention_mask=None, positions=None, cache=None,
-                 cache_index=None, deterministic: bool = True):
-        _, seq = _check_call(self.config, tokens, inputs_embeds, attention_mask, positions, cache, cache_index)
+                 cache_index=None, segment_ids=None, deterministic: bool = True):
+        _, seq = _check_call(self.config, tokens, inputs_embeds, attention_mask, positions, cache, cache_index,
+                             segment_ids)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(tokens)
         elif self.is_initializing():
             self.embed_tokens(jnp.zeros((1, 1), jnp.int32))
-        positions = _default_positions(positions, seq, cache_index)
+        positions = _default_positions(positions, seq, cache_index, segment_ids)
         x = inputs_embeds
         new_cache = []
         for i, layer in enumerate(self.layers):
-            x, layer_cache = layer(x, positions, attention_mask, None if cache is None else cache[i], cache_index)
+            x, layer_cache = layer(x, positions, attention_mask, None if cache is None else cache[i], cache_index,
+                                   segment_ids)
             new_cache.append(layer_cache)
         logits = _logits(self.config, self.embed.attend(self.final_norm(x)))
         return logits if cache is None else (logits, tuple(new_cache))
@@ -461,13 +507,14 @@ class AttentionNnx(nnx.Module):
         self.query_norm = RMSNormNnx(c.head_dim, c.rms_norm_eps, c.param_dtype)
         self.key_norm = RMSNormNnx(c.head_dim, c.rms_norm_eps, c.param_dtype)
 
-    def __call__(self, x, positions, attention_mask, layer_cache, cache_index):
+    def __call__(self, x, positions, attention_mask, layer_cache, cache_index, segment_ids=None):
         c = self.config
         batch, seq, _ = x.shape
         q = self.query_norm(self.query(x).reshape(batch, seq, c.num_heads, c.head_dim))
         k = self.key_norm(self.key(x).reshape(batch, -1, c.num_kv_heads, c.head_dim))
         v = self.value(x).reshape(batch, -1, c.num_kv_heads, c.head_dim)
-        out, new_cache = _attend(c, self.layer, q, k, v, positions, attention_mask, layer_cache, cache_index)
+        out, new_cache = _attend(c, self.layer, q, k, v, positions, attention_mask, layer_cache, cache_index,
+                                 segment_ids)
         return self.out(out.reshape(batch, seq, c.num_heads * c.head_dim)), new_cache
 
 
@@ -493,8 +540,9 @@ class BlockNnx(nnx.Module):
         self.mlp = MLPNnx(c, rngs=rngs)
         self.post_mlp_norm = RMSNormNnx(c.d_model, c.rms_norm_eps, c.param_dtype)
 
-    def __call__(self, x, positions, attention_mask, layer_cache, cache_index):
-        h, new_cache = self.attn(self.attn_norm(x), positions, attention_mask, layer_cache, cache_index)
+    def __call__(self, x, positions, attention_mask, layer_cache, cache_index, segment_ids=None):
+        h, new_cache = self.attn(self.attn_norm(x), positions, attention_mask, layer_cache, cache_index,
+                                 segment_ids)
         x = x + self.post_attn_norm(h)
         return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x))), new_cache
 
@@ -521,16 +569,18 @@ class GemmaNnx(nnx.Module):
         return _embed_scale(self.config, self.embed(tokens))
 
     def __call__(self, tokens=None, *, inputs_embeds=None, attention_mask=None, positions=None, cache=None,
-                 cache_index=None, deterministic: bool = True):
-        _, seq = _check_call(self.config, tokens, inputs_embeds, attention_mask, positions, cache, cache_index)
+                 cache_index=None, segment_ids=None, deterministic: bool = True):
+        _, seq = _check_call(self.config, tokens, inputs_embeds, attention_mask, positions, cache, cache_index,
+                             segment_ids)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(tokens)
-        positions = _default_positions(positions, seq, cache_index)
+        positions = _default_positions(positions, seq, cache_index, segment_ids)
         x = inputs_embeds
         new_cache = []
         for i in range(self.config.num_layers):
             layer_cache = None if cache is None else cache[i]
-            x, layer_cache = getattr(self, f"layers_{i}")(x, positions, attention_mask, layer_cache, cache_index)
+            x, layer_cache = getattr(self, f"layers_{i}")(x, positions, attention_mask, layer_cache, cache_index,
+                                                          segment_ids)
             new_cache.append(layer_cache)
         logits = _logits(self.config, self.embed.attend(self.final_norm(x)))
         return logits if cache is None else (logits, tuple(new_cache))
