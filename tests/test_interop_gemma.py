@@ -1,0 +1,126 @@
+"""HF PEFT adapters on Gemma 3 against real ``peft`` on transformers' Gemma3ForCausalLM (interop).
+
+A tiny random Gemma 3 (2 layers) is written by jaxpeft's ``save_pretrained`` in Hugging Face names and read
+by ``transformers.Gemma3ForCausalLM.from_pretrained``: both sides hold the same weights. Then
+* a jaxpeft adapter (random non-zero leaves) exported with the ``"gemma3"`` mapping loads with
+  ``PeftModel.from_pretrained`` and gives jaxpeft's logits within 1e-4;
+* a peft adapter (``init_lora_weights=False`` plus noise, ``save_pretrained``) imports into jaxpeft with
+  peft's logits within 1e-4.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxpeft as jp
+from jaxpeft.interop import export_peft, import_peft
+from jaxpeft.models.gemma import GemmaConfig, GemmaLinen
+from jaxpeft.models.pretrained import save_pretrained
+
+pytestmark = pytest.mark.interop
+
+CONFIG = GemmaConfig.tiny(query_pre_attn_scalar=12.0, rope_local_base=100.0)
+TOKENS = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (2, 9)).astype(np.int64)  # longer than the window
+TOL = 1e-4
+
+JAX_METHODS = {
+    "lora_rslora_patterns": lambda: jp.lora(4, 8, targets=r"attn/(query|value)$|mlp/down$", rslora=True,
+                                            rank_pattern={"mlp/down": 2}, alpha_pattern={"value": 3.0}),
+    "dora": lambda: jp.dora(2, 4, targets=r"attn/(query|key)$|mlp/up$"),
+}
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    pytest.importorskip("torch", reason="needs torch (pip install -e '.[interop]')")
+    pytest.importorskip("peft", reason="needs peft (pip install -e '.[interop]')")
+    base = GemmaLinen(CONFIG).init(jax.random.key(0), jnp.asarray(TOKENS, jnp.int32))["params"]
+    base = jax.tree.map(lambda x: np.asarray(x + 0.05 * jax.random.normal(jax.random.key(3), x.shape)), base)
+    directory = save_pretrained(tmp_path_factory.mktemp("gemma"), CONFIG, base)
+    return base, directory
+
+
+def _torch_base(directory):
+    import torch
+    import transformers
+
+    return transformers.Gemma3ForCausalLM.from_pretrained(str(directory), torch_dtype=torch.float32,
+                                                          attn_implementation="eager").eval()
+
+
+def _torch_logits(model):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(TOKENS)).logits.numpy()
+
+
+def _jax_logits(peft, base, adapter=None, randomise=False):
+    tokens = jnp.asarray(TOKENS, jnp.int32)
+    peft_model, params = jp.apply(peft, GemmaLinen(CONFIG), jax.random.key(2), tokens, params=base)
+    if adapter is not None:
+        params = jp.insert(params, adapter)
+    trainable, frozen = jp.partition(params, peft_model.trainable)
+    if randomise:
+        trainable = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(7), x.shape, x.dtype),
+                                 trainable)
+    return np.asarray(peft_model.apply(jp.combine(trainable, frozen), tokens)), trainable
+
+
+def test_base_logits_equal(shared):
+    base, directory = shared
+    want = np.asarray(GemmaLinen(CONFIG).apply({"params": base}, jnp.asarray(TOKENS, jnp.int32)))
+    assert np.abs(_torch_logits(_torch_base(directory)) - want).max() <= TOL
+
+
+# DoRA runs in the slow set only: the CI interop budget is tight and LoRA exercises the same mapping.
+NAMES = ["lora_rslora_patterns", pytest.param("dora", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_jaxpeft_gemma_adapter_loads_in_peft(shared, tmp_path, name):
+    from peft import PeftModel
+
+    base, directory = shared
+    peft = JAX_METHODS[name]()
+    want, trainable = _jax_logits(peft, base, randomise=True)
+    export_peft(tmp_path, peft, trainable, mapping="gemma3")
+    model = PeftModel.from_pretrained(_torch_base(directory), str(tmp_path)).eval()
+    assert np.abs(_torch_logits(model) - want).max() <= TOL
+    assert np.abs(_torch_logits(_torch_base(directory)) - want).max() > 1e-2  # the adapter matters
+
+
+def _peft_configs():
+    import peft
+
+    return {
+        "lora_rslora_patterns": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                use_rslora=True, rank_pattern={"down_proj": 2},
+                                                alpha_pattern={"v_proj": 3}, init_lora_weights=False),
+        "dora": peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "up_proj"], use_dora=True,
+                                init_lora_weights=False),
+    }
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_peft_gemma_adapter_imports_into_jaxpeft(shared, tmp_path, name):
+    import peft
+    import torch
+
+    base, directory = shared
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_torch_base(directory), _peft_configs()[name])
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:  # make every adapter leaf non-trivial
+                p.add_(0.3 * torch.randn_like(p))
+    model.save_pretrained(str(tmp_path))
+    model.eval()
+    want = _torch_logits(model)
+    imported, adapter = import_peft(tmp_path, mapping="gemma3", params=base)
+    got, _ = _jax_logits(imported, base, adapter)
+    assert np.abs(got - want).max() <= TOL
+    assert np.abs(_torch_logits(_torch_base(directory)) - want).max() > 1e-2  # the adapter matters
