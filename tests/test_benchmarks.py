@@ -6,7 +6,16 @@ import pytest
 
 
 @pytest.mark.parametrize(
-    "name", ["lora", "qlora", "adapters", "train_safety", pytest.param("methods", marks=pytest.mark.slow)]  # methods: ~45 s
+    "name",
+    [
+        "lora",
+        "adapters",
+        # slow on 2 cores (CI budget); their library paths are covered by tests/test_qlora*.py and
+        # tests/test_train_ownership.py, the scripts themselves by `pytest -m slow`
+        pytest.param("qlora", marks=pytest.mark.slow),  # ~30 s
+        pytest.param("train_safety", marks=pytest.mark.slow),  # ~10 s
+        pytest.param("methods", marks=pytest.mark.slow),  # ~45 s
+    ],
 )
 def test_benchmark_quick_run(name, monkeypatch, tmp_path):
     from jaxpeft.bench import main
