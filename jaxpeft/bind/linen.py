@@ -68,10 +68,17 @@ def discover(model: nn.Module, params: Any, *args: Any, **kwargs: Any) -> tuple[
 
     Runs under ``jax.eval_shape``: no FLOP is spent.
     """
-    return _discover(model, params, args, kwargs)
+    return _discover(model, params, args, kwargs)[0]
 
 
-def _discover(model: nn.Module, params: Any, args: tuple, kwargs: dict, on_call=None) -> tuple[Layer, ...]:
+def _discover(
+    model: nn.Module, params: Any, args: tuple, kwargs: dict, on_call=None
+) -> tuple[tuple[Layer, ...], tuple[str, ...]]:
+    """The layers ``model.apply`` calls, and the names of the other collections it holds.
+
+    Every collection is mutable here, so one the model holds (``batch_stats``, a decode ``cache``,
+    what it sows) is created from its init function rather than needed from the caller.
+    """
     found: dict[str, Layer] = {}
 
     def record(next_fun, call_args, call_kwargs, context):
@@ -94,10 +101,10 @@ def _discover(model: nn.Module, params: Any, args: tuple, kwargs: dict, on_call=
 
     def run(p):
         with nn.intercept_methods(record):
-            return model.apply({"params": p}, *args, **kwargs)
+            return model.apply({"params": p}, *args, mutable=True, **kwargs)[1]
 
-    jax.eval_shape(run, params)
-    return tuple(found.values())
+    state = jax.eval_shape(run, params)
+    return tuple(found.values()), tuple(sorted(k for k in state if k != "params"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +118,8 @@ class PeftLinen:
       layers: every module the model calls, as discovered (for adding adapters later).
       active_adapters: the adapters ``apply`` runs when its call names none (``jp.use_adapters`` /
         ``jp.adapters_disabled`` yield a copy with another value).
+      collections: the variable collections other than ``params`` that the model held when
+        ``jp.apply`` ran it on the example input (``batch_stats``, ``cache``, ``intermediates``, ...).
     """
 
     model: nn.Module
@@ -118,6 +127,7 @@ class PeftLinen:
     placements: tuple[Placement, ...]
     layers: tuple[Layer, ...] = ()
     active_adapters: Adapters = True
+    collections: tuple[str, ...] = ()
 
     def bound(self, params: Any) -> bound_ops.Bound:
         """The binding-independent view: placements, soft prompts and ``params`` as one tree."""
@@ -152,6 +162,13 @@ class PeftLinen:
     ) -> Any:
         """``model.apply`` with the methods in place.
 
+        As ``flax.linen.Module.apply``: with ``mutable`` (a collection name, a list of them, or True)
+        it returns ``(out, updated)``, ``updated`` a dict of the mutable collections, which the
+        next call takes back as ``collections=``::
+
+          logits, state = peft_model.apply(params, x, train=True, collections=state, mutable=["batch_stats"])
+          logits = peft_model.apply(params, x, train=False, collections=state)     # running stats, no update
+
         Args:
           params: the ``params`` collection: base and PEFT leaves in one tree.
           rngs: as for ``model.apply``; a ``"dropout"`` key turns LoRA dropout on.
@@ -160,8 +177,19 @@ class PeftLinen:
             ``jp.use_adapters`` / ``jp.adapters_disabled`` set it).
           adapter_ids: int ``[batch]``: a mixed-adapter batch, example ``i`` running adapter
             ``adapters[adapter_ids[i]]`` (LoRA adapters; the first axis of each layer input is the batch).
-          collections: other variable collections (``batch_stats``, ...).
+          collections: the other variable collections, by name: ``{"batch_stats": ...}``,
+            ``{"cache": ...}``, or the ``updated`` dict of an earlier call. A collection the model
+            holds (``self.collections``) must be passed unless ``mutable`` names it (then a missing
+            one is created from its init function, as flax does).
+          method: as for ``model.apply``.
+          mutable: as for ``model.apply``: the collections this call may change and returns.
+
+        Raises:
+          ValueError: before any work, when ``collections`` is not a dict of collections, when the
+            model holds a collection that is neither passed nor mutable, or when ``mutable`` names
+            a collection the model does not hold; the message names it and those present.
         """
+        self._check_collections(collections, mutable)
         variables = {"params": params, **(collections or {})}
         if adapters is None:
             adapters = self.active_adapters
@@ -231,6 +259,36 @@ class PeftLinen:
 
     __call__ = apply
 
+    def _check_collections(self, collections: Mapping[str, Any] | None, mutable: Any) -> None:
+        """Raise before any work when a collection asked for (or needed) is absent."""
+        if collections is None:
+            collections = {}
+        if not isinstance(collections, Mapping):
+            raise TypeError(
+                f"collections must be a dict of variable collections ({{'batch_stats': ...}}), got "
+                f"{type(collections).__name__}"
+            )
+        if "params" in collections:
+            raise ValueError("collections holds 'params': pass the params as the first argument, the rest here")
+        if mutable is True:
+            return
+        asked = (mutable,) if isinstance(mutable, str) else tuple(mutable or ())
+        held, passed = set(self.collections), set(collections)
+        present = f"the model holds {sorted(held)}; this call passes {sorted(passed)}"
+        unknown = [c for c in asked if c not in held and c not in passed and c != "params"]
+        if unknown:
+            raise ValueError(
+                f"mutable asks for the collection {unknown[0]!r}, which {type(self.model).__name__} does not hold "
+                f"({present}; the held ones are those jp.apply saw with its example input)"
+            )
+        missing = [c for c in sorted(held - passed) if c not in asked and c != "intermediates"]
+        if missing:
+            raise ValueError(
+                f"{type(self.model).__name__} holds the collection {missing[0]!r}, which this call neither passes "
+                f"nor makes mutable ({present}): pass collections={{{missing[0]!r}: ...}} (from model.init or an "
+                f"earlier call's updated collections), or mutable=[{missing[0]!r}] to create it"
+            )
+
 
 def _group(params: Mapping, method: Transform) -> Mapping:
     if method.group not in params:
@@ -295,7 +353,7 @@ def apply_linen(
             raise model_level.decode_error(path, module)
 
     try:
-        layers = _discover(model, params, args, kwargs, on_call=refuse_decode)
+        layers, collections = _discover(model, params, args, kwargs, on_call=refuse_decode)
     except (flax.errors.ScopeParamShapeError, flax.errors.ScopeParamNotFoundError) as e:
         raise _params_mismatch(model, params, args, kwargs) or e from None
     layers = _with_stacks(layers, params)
@@ -303,7 +361,7 @@ def apply_linen(
     new = init_params(placements, peft_key, params)
     if prompts:
         new = init_model_params(prompts, model, peft_key, new)
-    return PeftLinen(model, peft, placements, layers), new
+    return PeftLinen(model, peft, placements, layers, collections=collections), new
 
 
 def _params_mismatch(model: nn.Module, params: Any, args: tuple, kwargs: dict) -> ValueError | None:
