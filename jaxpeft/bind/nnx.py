@@ -206,8 +206,15 @@ def _set(node: Any, part: Any, value: Any) -> None:
 
 
 def copy_graph(model: nnx.Module) -> nnx.Module:
-    """A new module graph with the same arrays (no array is copied)."""
-    return nnx.merge(*nnx.split(model))
+    """A new module graph with the same arrays (no array is copied).
+
+    The parameters stay the same ``nnx.Param`` objects (the base is shared, never copied); every
+    other Variable (``nnx.BatchStat``, ``nnx.Cache``, RNG counts) is a new object holding the same
+    array, so running the new graph (BatchNorm in training mode, a decode step) leaves ``model``'s
+    state as it was.
+    """
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return nnx.merge(graphdef, params, jax.tree.map(lambda x: x, rest))
 
 
 # -- code around a module's own __call__: soft prompts, prefix masks ------------------------------
