@@ -16,6 +16,20 @@ The contract, for Linen and NNX alike::
 ``jax.grad`` sees only ``trainable``; ``frozen`` is closed over, so XLA never computes a frozen
 weight's gradient, and ``optimizer.init(trainable)`` holds state only for the trainable leaves.
 
+Model state (``batch_stats`` of BatchNorm, NNX ``BatchStat``): with ``has_state=True`` the loss
+function takes the state last and returns the new one beside the loss, and the step carries it::
+
+    def loss_fn(trainable, frozen, batch, rng, model_state):   # -> (loss, new_model_state)
+        logits, model_state = peft_model.apply(
+            jp.combine(trainable, frozen), batch["x"], train=True,
+            collections=model_state, mutable=["batch_stats"])
+        return loss, model_state
+
+    step = make_train_step(loss_fn, optimizer, has_state=True)
+    trainable, opt_state, model_state, metrics = step(trainable, frozen, opt_state, batch, rng, model_state)
+
+The state is not differentiated (it is ``value_and_grad``'s aux), and the optimizer never sees it.
+
 Ownership: nothing here invalidates an array the caller holds. ``jp.partition`` and ``jp.apply``
 return trees that share buffers with the caller's base params (full fine-tuning: every leaf; LoRA
 with a trainable head: the head), so donating what the caller passes would delete their base
@@ -136,22 +150,39 @@ class TrainStep:
       jit: whether calls are compiled.
       donate: whether a direct call donates ``trainable`` and ``opt_state`` (the caller's explicit
         hand-over of those buffers).
+      has_state: the step carries model state: ``step(trainable, frozen, opt_state, batch, rng,
+        model_state) -> (trainable, opt_state, model_state, metrics)``.
     """
 
-    def __init__(self, fn: Callable[..., Any], *, jit: bool, donate: bool):
+    def __init__(self, fn: Callable[..., Any], *, jit: bool, donate: bool, has_state: bool = False):
         self.fn = fn
         self.jit = jit
         self.donate = donate
+        self.has_state = has_state
+        donated = (0, 2, 5) if has_state else (0, 2)
         self._plain = jax.jit(fn) if jit else fn
-        self._donating = jax.jit(fn, donate_argnums=(0, 2)) if jit else fn
+        self._donating = jax.jit(fn, donate_argnums=donated) if jit else fn
 
-    def __call__(self, trainable, frozen, opt_state, batch, rng):
+    def __call__(self, trainable, frozen, opt_state, batch, rng, model_state=None):
         run = self._donating if self.donate else self._plain
-        return run(trainable, frozen, opt_state, batch, rng)
+        return run(trainable, frozen, opt_state, batch, rng, *self._state_args(model_state))
+
+    def _state_args(self, model_state: Any) -> tuple:
+        if self.has_state and model_state is None:
+            raise TypeError(
+                "this train step was built with has_state=True: call it as step(trainable, frozen, opt_state, "
+                "batch, rng, model_state)"
+            )
+        if not self.has_state and model_state is not None:
+            raise TypeError(
+                "this train step carries no model state: build it with make_train_step(..., has_state=True) "
+                "for a loss_fn that takes and returns model_state (batch_stats, ...)"
+            )
+        return (model_state,) if self.has_state else ()
 
     @property
     def donating(self) -> Callable[..., Any]:
-        """The step donating ``trainable`` and ``opt_state``: call it only on buffers nobody else holds."""
+        """The step donating ``trainable``, ``opt_state`` (and ``model_state``): only on buffers nobody else holds."""
         return self._donating
 
     @property
@@ -174,6 +205,7 @@ def make_train_step(
     jit: bool = True,
     donate: bool = False,
     learning_rate: float | optax.Schedule | None = None,
+    has_state: bool = False,
 ) -> TrainStep:
     """A train step that differentiates ``loss_fn`` with respect to the trainable tree only.
 
@@ -190,12 +222,18 @@ def make_train_step(
       learning_rate: the optimizer's schedule (or constant), reported as ``metrics["learning_rate"]``
         at the optimizer's step count. Without it the rate is reported when the optimizer (or each
         ``multi_lr`` group) is wrapped in ``optax.inject_hyperparams``, and not otherwise.
+      has_state: the model has state that its forward updates (BatchNorm's ``batch_stats``):
+        ``loss_fn(trainable, frozen, batch, rng, model_state)`` returns ``(loss, model_state)``, or
+        ``(loss, (model_state, aux))`` with ``has_aux``, the new state of the same tree structure
+        (Linen: the ``updated`` dict of ``peft_model.apply(..., mutable=[...])``; NNX:
+        ``nnx.state(model, nnx.BatchStat)``). The state is not differentiated.
 
     Returns:
       a ``TrainStep``: ``step(trainable, frozen, opt_state, batch, rng) -> (trainable, opt_state,
-      metrics)``; ``metrics`` holds scalar arrays: ``loss``, ``grad_norm`` (global L2 norm of the
-      gradient), ``learning_rate`` (or ``learning_rate/<group>``) when known, and the ``aux``
-      entries. Nothing is transferred to the host: convert at log points only.
+      metrics)`` (with ``has_state``: ``step(..., rng, model_state) -> (trainable, opt_state,
+      model_state, metrics)``); ``metrics`` holds scalar arrays: ``loss``, ``grad_norm`` (global L2
+      norm of the gradient), ``learning_rate`` (or ``learning_rate/<group>``) when known, and the
+      ``aux`` entries. Nothing is transferred to the host: convert at log points only.
 
     Raises:
       TypeError: ``loss_fn`` is not callable, or ``optimizer`` is not an optax transformation.
@@ -203,22 +241,30 @@ def make_train_step(
     check_step_functions(loss_fn, optimizer, "make_train_step")
     if not isinstance(donate, bool):
         raise TypeError(f"make_train_step: donate must be a bool, got {donate!r}")
+    if not isinstance(has_state, bool):
+        raise TypeError(f"make_train_step: has_state must be a bool, got {has_state!r}")
 
-    def step(trainable, frozen, opt_state, batch, rng):
+    def step(trainable, frozen, opt_state, batch, rng, *state):
         def objective(t):
-            # `frozen` is a constant here: no gradient is computed for it.
-            return loss_fn(t, frozen, batch, rng)
+            # `frozen` is a constant here: no gradient is computed for it. The state is rebuilt
+            # inside the differentiated function (same arrays, new containers): NNX Variables may
+            # only be updated (BatchNorm in training mode) at the trace level that made them.
+            return loss_fn(t, frozen, batch, rng, *jax.tree.map(lambda x: x, state))
 
-        if has_aux:
+        if has_state:
+            (loss, out), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
+            new_state, aux = _split_state_output(out, has_aux)
+            _check_same_structure(state[0], new_state)
+        elif has_aux:
             (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
-            if not isinstance(aux, Mapping):
-                raise TypeError(
-                    f"make_train_step(has_aux=True): loss_fn must return (loss, dict of scalars), got "
-                    f"aux of type {type(aux).__name__}"
-                )
         else:
             loss, grads = jax.value_and_grad(objective)(trainable)
             aux = {}
+        if has_aux and not isinstance(aux, Mapping):
+            raise TypeError(
+                f"make_train_step(has_aux=True): loss_fn must return (loss, dict of scalars), got "
+                f"aux of type {type(aux).__name__}"
+            )
         updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)
 
@@ -235,12 +281,40 @@ def make_train_step(
             raise ValueError(f"make_train_step: aux names {clash} clash with the step's own metrics")
         metrics.update(aux)
         _check_scalar_metrics(metrics, "make_train_step")
+        if has_state:
+            return new_trainable, new_opt_state, new_state, metrics
         return new_trainable, new_opt_state, metrics
 
-    return TrainStep(step, jit=jit, donate=donate and jit)
+    return TrainStep(step, jit=jit, donate=donate and jit, has_state=has_state)
 
 
-def make_eval_step(metric_fn: Callable[[Any, Any, Any], Any], *, jit: bool = True) -> Callable[..., Any]:
+def _split_state_output(out: Any, has_aux: bool) -> tuple[Any, Any]:
+    """``(model_state, aux)`` from what a ``has_state`` loss_fn returns beside its loss."""
+    if not has_aux:
+        return out, {}
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError(
+            "make_train_step(has_state=True, has_aux=True): loss_fn must return (loss, (model_state, aux)), got "
+            f"{type(out).__name__} beside the loss"
+        )
+    return out
+
+
+def _check_same_structure(before: Any, after: Any) -> None:
+    """Raise unless the state a loss_fn returns has the tree structure of the one it received."""
+    if jax.tree.structure(before) != jax.tree.structure(after):
+        got = sorted(path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(after)[0])
+        want = sorted(path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(before)[0])
+        raise ValueError(
+            "make_train_step(has_state=True): loss_fn returned a model_state of another structure than it was "
+            f"given (leaves {got[:6]} instead of {want[:6]}); return the whole updated state (the `updated` dict "
+            "of peft_model.apply(..., mutable=[...]), or nnx.state(model, nnx.BatchStat))"
+        )
+
+
+def make_eval_step(
+    metric_fn: Callable[..., Any], *, jit: bool = True, has_state: bool = False
+) -> Callable[..., Any]:
     """An eval step for ``evaluate`` / ``fit``.
 
     Args:
@@ -248,17 +322,28 @@ def make_eval_step(metric_fn: Callable[[Any, Any, Any], Any], *, jit: bool = Tru
         or ``-> (metrics, weight)`` where ``weight`` (e.g. the number of real examples or tokens in
         the batch) weights the batch in the mean over batches.
       jit: compile with ``jax.jit`` (nothing is donated: eval does not change the trees).
+      has_state: ``metric_fn(trainable, frozen, batch, model_state)`` also reads model state (the
+        running ``batch_stats`` of BatchNorm, with ``train=False``); it returns no new state: eval
+        changes nothing.
 
     Returns:
-      ``eval_step(trainable, frozen, batch) -> (metrics, weight)``, ``weight`` 1.0 if ``metric_fn``
-      gives none.
+      ``eval_step(trainable, frozen, batch) -> (metrics, weight)`` (with ``has_state``:
+      ``eval_step(trainable, frozen, batch, model_state)``), ``weight`` 1.0 if ``metric_fn`` gives
+      none.
     """
 
     if not callable(metric_fn):
         raise TypeError(f"make_eval_step: metric_fn must be callable, got {type(metric_fn).__name__}")
+    if not isinstance(has_state, bool):
+        raise TypeError(f"make_eval_step: has_state must be a bool, got {has_state!r}")
 
-    def eval_step(trainable, frozen, batch):
-        out = metric_fn(trainable, frozen, batch)
+    def eval_step(trainable, frozen, batch, *state):
+        if len(state) != int(has_state):
+            raise TypeError(
+                "make_eval_step: this eval step takes (trainable, frozen, batch"
+                + (", model_state)" if has_state else "); build it with has_state=True to pass model_state")
+            )
+        out = metric_fn(trainable, frozen, batch, *state)
         if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], Mapping):
             metrics, weight = out
         else:
@@ -287,6 +372,7 @@ def evaluate(
     trainable: Any,
     frozen: Any,
     batches: Iterable | Callable[[], Iterable],
+    model_state: Any = None,
 ) -> dict[str, float]:
     """Mean of each metric over ``batches``, weighted by the batch weights; plain Python floats.
 
@@ -296,6 +382,7 @@ def evaluate(
       eval_step: from ``make_eval_step``.
       trainable, frozen: the two parameter trees.
       batches: an iterable of batches, or a function returning a fresh one.
+      model_state: passed to every call when given (an eval step built with ``has_state=True``).
 
     Raises:
       ValueError: no batches, or batch weights summing to zero.
@@ -303,7 +390,8 @@ def evaluate(
     sums: dict[str, Any] | None = None
     total_weight = None
     for batch in _iter_eval_batches(batches):
-        metrics, weight = eval_step(trainable, frozen, batch)
+        state = () if model_state is None else (model_state,)
+        metrics, weight = eval_step(trainable, frozen, batch, *state)
         weighted = {k: weight * jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
         if sums is None:
             sums, total_weight = weighted, weight
@@ -412,6 +500,7 @@ class TrainResult:
       stopped_early: early stopping ended the run.
       steps_run: train steps taken.
       seconds: wall time of the run, compilation included.
+      model_state: the model state after the last step (None for a step without state).
     """
 
     trainable: Any
@@ -423,6 +512,7 @@ class TrainResult:
     stopped_early: bool
     steps_run: int
     seconds: float
+    model_state: Any = None
 
 
 def _mean_metrics(window: list[dict[str, Any]]) -> dict[str, float]:
@@ -436,16 +526,15 @@ def _mean_metrics(window: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def _owned(step: Callable[..., Any], trainable: Any, opt_state: Any) -> tuple[Callable[..., Any], Any, Any]:
-    """The step ``fit`` runs, and the trees it runs on: copies wherever that step donates."""
+def _owned(step: Callable[..., Any], trees: tuple) -> tuple[Callable[..., Any], tuple]:
+    """The step ``fit`` runs, and the trees it runs on (``trainable``, ``opt_state``, maybe
+    ``model_state``): copies wherever that step donates."""
     if isinstance(step, TrainStep):
         if not step.donates:
-            return step.donating, trainable, opt_state
-        trainable, opt_state = _copy_tree((trainable, opt_state))
-        return step.donating, trainable, opt_state
+            return step.donating, trees
+        return step.donating, _copy_tree(trees)
     # A step of the caller's own may donate: hand it copies, never the caller's buffers.
-    trainable, opt_state = _copy_tree((trainable, opt_state))
-    return step, trainable, opt_state
+    return step, _copy_tree(trees)
 
 
 def fit(
@@ -465,6 +554,7 @@ def fit(
     tokens_per_batch: int | None = None,
     log_every: int = 10,
     keep_best: bool = True,
+    model_state: Any = None,
 ) -> TrainResult:
     """Run ``step`` for ``num_steps`` steps, with periodic eval, early stopping and a progress bar.
 
@@ -491,6 +581,10 @@ def fit(
       log_every: log train metrics (and update the bar's numbers) every this many steps; also at
         eval steps and after the last step.
       keep_best: keep a copy of ``trainable`` at the best eval (device memory: one trainable tree).
+      model_state: the starting model state, for a step built with ``has_state=True`` (needed then):
+        each step returns the next, and eval reads the current one (``make_eval_step(...,
+        has_state=True)``). Copied once, like ``trainable``; the last one is
+        ``TrainResult.model_state``.
 
     Returns:
       a ``TrainResult``; all metrics as Python floats.
@@ -499,6 +593,12 @@ def fit(
 
     if not callable(step):
         raise TypeError(f"fit: step must be callable (from make_train_step), got {type(step).__name__}")
+    stateful = model_state is not None
+    if isinstance(step, TrainStep) and step.has_state != stateful:
+        raise TypeError(
+            "fit: the step was built with has_state=True: pass model_state=" if step.has_state
+            else "fit: model_state was given but the step carries no state: build it with has_state=True"
+        )
     if not isinstance(num_steps, int) or isinstance(num_steps, bool):
         raise TypeError(f"fit: num_steps must be an int, got {num_steps!r}")
     if num_steps < 0:
@@ -558,7 +658,7 @@ def fit(
 
     def run_eval(entry: dict[str, float]) -> bool:
         nonlocal es_state, best_trainable, tracker, window_start
-        metrics = evaluate(eval_step, trainable, frozen, eval_batches)
+        metrics = evaluate(eval_step, trainable, frozen, eval_batches, model_state)
         entry.update({f"eval/{k}": v for k, v in metrics.items()})
         if tracker is not None:
             if watch_default_loss and tracker.metric not in metrics:
@@ -600,8 +700,15 @@ def fit(
             if i == 0:
                 # Copy on first use: the caller's trees (which may share buffers with their base
                 # params) are never donated; every later step donates the previous step's outputs.
-                run_step, trainable, opt_state = _owned(step, trainable, opt_state)
-            trainable, opt_state, metrics = run_step(trainable, frozen, opt_state, batch, step_rng)
+                run_step, owned = _owned(step, (trainable, opt_state, model_state) if stateful else (trainable, opt_state))
+                trainable, opt_state = owned[:2]
+                model_state = owned[2] if stateful else None
+            if stateful:
+                trainable, opt_state, model_state, metrics = run_step(
+                    trainable, frozen, opt_state, batch, step_rng, model_state
+                )
+            else:
+                trainable, opt_state, metrics = run_step(trainable, frozen, opt_state, batch, step_rng)
             steps_run = i + 1
             window.append(metrics)
             bar.update(1)
@@ -619,7 +726,7 @@ def fit(
     finally:
         bar.close()
 
-    jax.block_until_ready((trainable, opt_state))
+    jax.block_until_ready((trainable, opt_state, model_state))
     seconds = time.perf_counter() - start
     best_step = es_state.best_step if es_state is not None else None
     best_metric = es_state.best if es_state is not None else None
@@ -633,4 +740,5 @@ def fit(
         stopped_early=stopped_early,
         steps_run=steps_run,
         seconds=seconds,
+        model_state=model_state,
     )
