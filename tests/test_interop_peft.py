@@ -118,3 +118,60 @@ def test_peft_adapter_imports_into_jaxpeft(shared, tmp_path, name):
     got, _ = _jax_out(imported, base, adapter)
     real = MASK.astype(bool)
     assert np.abs(got[real] - want[real]).max() <= TOL
+
+
+# ---- prefix tuning. Transformers' BertModel numbers the tokens after a cache of P prefix entries from P
+# (its position ids start at the cache length), so peft's prefix-tuned BERT sees positions P .. P+seq-1;
+# jaxpeft is given the same positions (``positions=``) and then must agree within 1e-4.
+
+N_PREFIX = 3
+
+
+def _jax_prefix_out(peft, base, adapter=None, randomise=False):
+    model = BertLinen(CONFIG)
+    tokens, mask = jnp.asarray(TOKENS, jnp.int32), jnp.asarray(MASK, jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(N_PREFIX, N_PREFIX + tokens.shape[1]), tokens.shape)
+    peft_model, params = jp.apply(peft, model, jax.random.key(2), tokens, params=base, attention_mask=mask)
+    if adapter is not None:
+        params = jp.insert(params, adapter)
+    trainable, frozen = jp.partition(params, peft_model.trainable)
+    if randomise:
+        trainable = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(7), x.shape, x.dtype),
+                                 trainable)
+    out = peft_model.apply(jp.combine(trainable, frozen), tokens, attention_mask=mask, positions=positions)
+    return np.asarray(out), trainable
+
+
+def test_jaxpeft_prefix_tuning_loads_in_peft(shared, tmp_path):
+    from peft import PeftModel
+
+    base, directory = shared
+    peft = jp.prefix_tuning(N_PREFIX)
+    want, trainable = _jax_prefix_out(peft, base, randomise=True)
+    export_peft(tmp_path, peft, trainable, model_config=CONFIG)
+    model = PeftModel.from_pretrained(_torch_base(directory), str(tmp_path)).eval()
+    got = _torch_out(model)
+    real = MASK.astype(bool)
+    assert np.abs(got[real] - want[real]).max() <= TOL
+    assert np.abs(_torch_out(_torch_base(directory))[real] - want[real]).max() > 1e-2  # the prefix matters
+
+
+def test_peft_prefix_tuning_imports_into_jaxpeft(shared, tmp_path):
+    import peft
+    import torch
+
+    base, directory = shared
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_torch_base(directory), peft.PrefixTuningConfig(
+        num_virtual_tokens=N_PREFIX, task_type="FEATURE_EXTRACTION"))
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    model.save_pretrained(str(tmp_path))
+    model.eval()
+    want = _torch_out(model)
+    imported, adapter = import_peft(tmp_path, params=base)
+    got, _ = _jax_prefix_out(imported, base, adapter)
+    real = MASK.astype(bool)
+    assert np.abs(got[real] - want[real]).max() <= TOL
