@@ -3,6 +3,8 @@
 from jaxpeft.models.attention import causal_mask, decoder_mask, dot_product_attention, padding_mask
 from jaxpeft.models.bert import BertConfig, BertLinen, BertNnx, bert_nnx_from_params, bert_params_from_nnx, mean_pool
 from jaxpeft.models.config import LMConfig
+from jaxpeft.models.gemma import GemmaConfig, GemmaLinen, GemmaNnx, gemma_nnx_from_params, gemma_params_from_nnx
+from jaxpeft.models.gguf import CacheCorruptWarning, GGUFError, gemma3_270m_path, load_gguf
 from jaxpeft.models.linen_lm import LinenLM
 from jaxpeft.models.nnx_lm import NnxLM, linen_params_from_nnx, load_linen_params, nnx_from_linen_params
 from jaxpeft.models.pretrained import (
@@ -15,6 +17,7 @@ from jaxpeft.models.pretrained import (
     register_saver,
     save_pretrained,
 )
+from jaxpeft.models.tokenizer import load_gguf_tokenizer
 
 __all__ = [
     "LMConfig",
@@ -41,4 +44,14 @@ __all__ = [
     "load_tokenizer",
     "encode",
     "minilm_path",
+    "GemmaConfig",
+    "GemmaLinen",
+    "GemmaNnx",
+    "gemma_nnx_from_params",
+    "gemma_params_from_nnx",
+    "GGUFError",
+    "CacheCorruptWarning",
+    "gemma3_270m_path",
+    "load_gguf",
+    "load_gguf_tokenizer",
 ]
