@@ -168,7 +168,7 @@ def test_linen_apply_sees_the_other_collections():
     _close(out, _reference_eval(base, state["batch_stats"], adapters, batch))
 
 
-@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+@pytest.mark.parametrize("jit", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["jit", "eager"])
 def test_linen_train_step_updates_batch_stats_as_plain_flax_on_the_merged_kernel(jit):
     peft_model, params, state = _linen_setup()
     trainable, frozen = jp.partition(params, peft_model.trainable)
@@ -306,7 +306,7 @@ def test_nnx_batch_stats_update_through_the_wrapped_model_and_leave_the_base_mod
     _close(nnx.state(model, nnx.BatchStat), before)  # the input model keeps its own stats
 
 
-@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+@pytest.mark.parametrize("jit", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["jit", "eager"])
 def test_nnx_train_step_updates_batch_stats_as_plain_flax_on_the_merged_kernel(jit):
     _, peft_model = _nnx_setup()
     base, stats = _nnx_base(peft_model)
@@ -361,7 +361,7 @@ def _randomize_b(params, key):
     return jax.tree.unflatten(jax.tree.structure(params), leaves)
 
 
-@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+@pytest.mark.parametrize("jit", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["jit", "eager"])
 def test_linen_decode_with_a_cache_equals_the_full_forward(jit):
     x = _tokens()
     full_model = nn.MultiHeadDotProductAttention(num_heads=HEADS, qkv_features=D)
