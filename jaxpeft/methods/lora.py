@@ -259,7 +259,13 @@ class LoRA(PeftMethod):
         y = base_fn(x)
         lora_a, lora_b = self._factors(params)
         scale = self.scale_at(site.path)
-        return y + lora_delta(lora_a, lora_b, site, x, scale, self.dropout, rng).astype(y.dtype)
+        delta = lambda x, a, b, rng: lora_delta(a, b, site, x, scale, self.dropout, rng).astype(y.dtype)  # noqa: E731
+        explicit = explicit_sharding(y)
+        if explicit is not None:
+            # Explicit-axis mesh: the update's thin contractions and reshapes are left to the
+            # compiler (auto axes) and come out laid out as the base output (``out_sharding=``).
+            delta = jax.sharding.auto_axes(delta, out_sharding=explicit)
+        return y + delta(x, lora_a, lora_b, rng)
 
     def merge_site(
         self, params: Mapping[str, jax.Array], base: Mapping[str, Any], site: Site | None = None
@@ -342,6 +348,14 @@ def pissa_to_lora(
             f"pissa_to_lora: lora_a [*in, r] / lora_b [r, *out] and the initial factors must agree; got {shapes}"
         )
     return jnp.concatenate([lora_a, initial_a], axis=-1), jnp.concatenate([lora_b, -initial_b], axis=0)
+
+
+def explicit_sharding(y: jax.Array) -> Any:
+    """``y``'s sharding where it lies on a mesh with explicit axes (``AxisType.Explicit``), else None."""
+    sharding = jax.typeof(y).sharding
+    if not isinstance(sharding, jax.sharding.NamedSharding) or not sharding.mesh.explicit_axes:
+        return None
+    return sharding
 
 
 def lora_delta(
