@@ -33,7 +33,8 @@ def test_jaxpeft_and_nnx_lora_do_the_same_work(arrays):
 
 
 @pytest.mark.interop
-@pytest.mark.parametrize("row", ["lora_qv", pytest.param("lora_all", marks=pytest.mark.slow), pytest.param("full", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("row", ["lora_qv", pytest.param("lora_all", marks=pytest.mark.slow), pytest.param("full", marks=pytest.mark.slow),
+                                 pytest.param("dora_qv", marks=pytest.mark.slow)])
 def test_peft_does_the_same_work(arrays, row):
     pytest.importorskip("torch", reason="the torch peers need torch")
     pytest.importorskip("peft", reason="the torch peers need peft")

@@ -59,7 +59,8 @@ def jaxpeft_linen(row: str, arrays: dict, steps: int) -> dict:
         apply_fn, params, selector = (lambda p, x: model.apply({"params": p}, x)), base, True
     else:
         regex = "({})/({})$".format("|".join(sorted({S.PARENT[t] for t in targets})), "|".join(targets))
-        peft_model, params = jp.apply(jp.lora(S.RANK, S.ALPHA, targets=regex), model, jax.random.key(0),
+        method = jp.dora if row in S.DORA_ROWS else jp.lora
+        peft_model, params = jp.apply(method(S.RANK, S.ALPHA, targets=regex), model, jax.random.key(0),
                                       batch["inputs"], params=base)
         params = _with_shared_a(params, arrays)  # the shared A init; B starts at zero
         apply_fn, selector = peft_model.apply, peft_model.trainable
@@ -115,6 +116,8 @@ def nnx_lora(row: str, arrays: dict, steps: int) -> dict:
         if isinstance(var, nnx.Variable):
             var[...] = jnp.asarray(arrays["params/" + "/".join(map(str, path))])
     targets = S.ROWS[row]
+    if row in S.DORA_ROWS:
+        raise ValueError(f"nnx-lora has no DoRA (row {row!r})")
     wanted = nnx.Param
     if targets is not None:
         scale = S.ALPHA / S.RANK

@@ -20,7 +20,9 @@ ROWS = {
     "lora_qv": ("query", "value"),
     "lora_all": ("query", "key", "value", "out", "up", "down"),
     "full": None,
+    "dora_qv": ("query", "value"),
 }
+DORA_ROWS = ("dora_qv",)  # DoRA (weight-decomposed LoRA, detached column norm) instead of LoRA
 # module name -> its parent in the reference LM (``layers_{i}/<parent>/<name>``)
 PARENT = {"query": "attn", "key": "attn", "value": "attn", "out": "attn", "up": "mlp", "down": "mlp"}
 

@@ -96,7 +96,8 @@ def _peft_run(row: str, arrays: dict, steps: int, compile: bool) -> dict:
     if targets is not None:
         import peft
 
-        lora = peft.LoraConfig(r=S.RANK, lora_alpha=S.ALPHA, lora_dropout=0.0, target_modules=list(targets))
+        lora = peft.LoraConfig(r=S.RANK, lora_alpha=S.ALPHA, lora_dropout=0.0, target_modules=list(targets),
+                               use_dora=row in S.DORA_ROWS)
         model = peft.get_peft_model(model, lora)
         with torch.no_grad():
             for name, module in model.named_modules():
