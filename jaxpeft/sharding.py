@@ -30,6 +30,11 @@ Per-leaf axes: a tuple with one entry per *group of* leaf dimensions:
 * ``"rank"``: a dimension of the method's own (a LoRA rank): replicated, or ``rank_axis``;
 * ``None``: a dimension with no kernel counterpart: replicated.
 
+The kernel's axes are found by role, wherever its layout puts them (an Einsum kernel ``[h, k, d]``
+contracted over ``d`` has its input last). A leaf made at a site with shared axes (a stack of layers
+from ``nn.scan`` / ``nnx.vmap``, heads, experts) carries them in front (``A: [L, *in, r]``); they take
+the kernel's entries for those axes unless the declaration already covers them (``"kernel"``).
+
 A method declares them as an attribute ``param_axes = {"lora_a": ("in", "rank"), ...}``, or per
 site with ``param_axes_at(site)``; LoRA's are known here. A PEFT leaf without a declaration is
 replicated, with a warning naming it; leaves shared by all of a method's sites are replicated.
@@ -123,14 +128,20 @@ def _mesh_axes(entry: Any) -> tuple[str, ...]:
 
 def _derive(site: Any, kernel: tuple, axes: Sequence[Any], shape: tuple[int, ...], rank_axis: Any, where: str) -> P:
     """The spec of one PEFT leaf from its kernel's (padded) spec entries and its declared axes."""
-    n_in = len(site.in_shape)
+    # The kernel's axes by role, wherever they sit in its layout: an Einsum kernel "hdn" or a
+    # stacked "L,d,o" is not inputs-first. Shared axes (a stack's layers, heads, experts) lead
+    # every leaf made at the site (Site.a_shape), so they take the kernel's entries in front.
+    ins = [kernel[i] for i in site.in_axes]
+    outs = [kernel[i] for i in site.out_axes]
+    shared = [kernel[i] for i in site.shared_axes]
+    n_in = len(ins)
     entries: list[Any] = []
     rank_dims: list[int] = []
     for token in axes:
         if token == "in":
-            entries += kernel[:n_in]
+            entries += ins
         elif token == "out":
-            entries += kernel[n_in:]
+            entries += outs
         elif token == "kernel":
             entries += kernel
         elif token == "rank":
@@ -145,10 +156,13 @@ def _derive(site: Any, kernel: tuple, axes: Sequence[Any], shape: tuple[int, ...
                 f"{where}: axes entry {token!r} is not 'in', 'out', 'kernel', 'rank', None or a kernel axis "
                 f"index (the kernel has {len(kernel)} axes)"
             )
+    if shared and "kernel" not in axes and len(entries) + len(shared) == len(shape):
+        entries = shared + entries
+        rank_dims = [i + len(shared) for i in rank_dims]
     if len(entries) != len(shape):
         raise ValueError(
             f"{where}: declared axes {tuple(axes)} give {len(entries)} dimensions for a leaf of shape {shape} "
-            f"(kernel {site.kernel_shape}: {n_in} input and {len(kernel) - n_in} output axes)"
+            f"(kernel {site.kernel_shape}: {len(shared)} shared, {n_in} input and {len(outs)} output axes)"
         )
     if rank_axis is not None and rank_dims:
         # A mesh axis can shard one dimension of an array: the rank stays replicated where the

@@ -592,3 +592,73 @@ def test_two_processes_save_without_gathering_and_restore_onto_another_mesh(runs
         assert facts["restored_shards_identical"] and facts["local_identical"]
         assert facts["restored_specs"]["layer/lora_b"] == "P(None, 'model')"
     assert first["example_losses"] == second["example_losses"] and all(np.isfinite(first["example_losses"]))
+
+
+# -- stacked layers (nn.scan / nnx.vmap stacks) and any einsum layout -----------------------------------------
+
+
+def _expected_lora(kernel_spec_in, kernel_spec_out, rank=None):
+    """By the definition: A [L, in, r] takes the stack and input entries, B [L, r, out] the stack and outputs."""
+    return [None, kernel_spec_in, rank], [None, None, kernel_spec_out]
+
+
+@pytest.mark.slow
+def test_stacked_lm_specs_follow_the_kernels_and_run_sharded_on_8_devices(tmp_path):
+    out = tmp_path / "stacked.json"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": str(HERE.parent)}
+    proc = subprocess.run([sys.executable, str(HERE / "_stacked_sharding_worker.py"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    facts = json.loads(out.read_text())
+    sites = ["attn/query", "attn/value", "attn/out", "mlp/up", "mlp/down"]
+    for rank_axis, table in ((None, facts["linen_specs_None"]), ("model", facts["linen_specs_model"])):
+        # rank_axis='model' shards A's rank (A uses 'data' only); B's rank stays replicated ('model' is taken).
+        a, b = _expected_lora("data", "model", rank_axis)
+        for s in sites:
+            assert table[f"layers/{s}/kernel"] == [None, "data", "model"]
+            assert table[f"layers/{s}/lora_a"] == a, (s, rank_axis)
+            assert table[f"layers/{s}/lora_b"] == b, (s, rank_axis)
+    a, b = _expected_lora("data", "model")
+    for s in sites:
+        assert facts["linen_placed"][f"layers/{s}/lora_a"] == a  # the layout JAX actually used
+        assert facts["nnx_specs"][f"layers/{s}/lora_a"] == a and facts["nnx_specs"][f"layers/{s}/lora_b"] == b
+    assert facts["linen_grad_lora_a_spec"] == a
+    assert facts["linen_out_diff"] < 1e-4 and facts["linen_grad_diff"] < 1e-5  # vs the unsharded run
+    assert facts["nnx_out_diff_vs_linen"] < 1e-4
+
+
+class _HeadsFirst(nn.Module):
+    """An Einsum whose kernel is not inputs-first: [heads, head_dim, d_model] contracted over d_model."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Einsum((4, 2, 8), "bsd,hkd->bshk", name="proj")(x)
+
+
+def test_einsum_layout_specs_follow_input_and_output_axes_not_positions():
+    x = jnp.ones((2, 3, 8))
+    peft_model, params = jp.apply(jp.lora(rank=2, targets="proj"), _HeadsFirst(), jax.random.key(0), x)
+    base = {"proj": {"kernel": P("model", None, "data"), "bias": P()}}
+    specs = jp.peft_specs(peft_model, params, base)["proj"]
+    # kernel axes: h (output, 'model'), k (output, None), d (input, 'data')
+    assert specs["lora_a"] == P("data", None) and specs["lora_b"] == P(None, "model", None)
+
+
+def test_stacked_axis_that_cannot_be_sharded_raises_before_any_array_naming_path_and_axis():
+    from tests.test_scan import Stacked, X
+
+    peft = jp.lora(rank=2, targets=r"(query|out)$")
+    peft_model, params = jp.apply(peft, Stacked("scan"), jax.random.key(0), X)
+    shapes = jax.eval_shape(lambda p: p, params)  # no arrays laid out: abstract shapes only
+    mesh = AbstractMesh((2, 4), ("data", "model"))
+
+    def specs_with(stack_axis):
+        base = jax.tree_util.tree_map_with_path(
+            lambda k, v: P(stack_axis, "data", None) if v.ndim == 3 else P(), params)
+        return jp.peft_specs(peft_model, params, base)
+
+    with pytest.raises(jp.ShardingError) as err:  # L = 3 layers over 'model' = 4
+        jp.shardings(specs_with("model"), mesh, shapes)
+    assert "layers/query/lora_a" in str(err.value) and "'model'=4" in str(err.value) and "size 3" in str(err.value)
+    with pytest.raises(jp.ShardingError, match=r"layers/query/lora_b.*'expert'"):
+        jp.shardings(specs_with("expert"), mesh, shapes)
