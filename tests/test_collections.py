@@ -267,6 +267,17 @@ def test_linen_missing_collection_is_named_before_work():
         peft_model.apply(params, x, train=False, collections=[state])
 
 
+def test_linen_mutable_may_create_a_collection_the_model_did_not_show():
+    # flax creates a mutable collection on first write: capture_intermediates' 'intermediates' on a
+    # model that sows nothing, or a collection sown only in training. Refusing it broke callers.
+    model = nn.Sequential([nn.Dense(4)])
+    x = jnp.ones((2, 3))
+    peft_model, params = jp.apply(jp.lora(rank=2, targets="layers_0"), model, jax.random.key(0), x)
+    assert peft_model.collections == ()
+    out, state = peft_model.apply(params, x, capture_intermediates=True, mutable=["intermediates"])
+    np.testing.assert_allclose(np.asarray(state["intermediates"]["__call__"][0]), np.asarray(out))
+
+
 # ---------------------------------------------------------------- NNX
 
 

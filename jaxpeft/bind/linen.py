@@ -15,6 +15,7 @@ Two interceptions sit above the layers: the root module's ``__call__`` runs the 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 from collections.abc import Mapping
 from typing import Any
@@ -187,7 +188,9 @@ class PeftLinen:
         Raises:
           ValueError: before any work, when ``collections`` is not a dict of collections, when the
             model holds a collection that is neither passed nor mutable, or when ``mutable`` names
-            a collection the model does not hold; the message names it and those present.
+            a collection the model does not hold that is a near miss of one it does (a typo such as
+            ``"batch_stat"``); the message names it and those present. Other new ``mutable`` names
+            are created, as flax does (``"intermediates"`` with ``capture_intermediates=True``).
         """
         self._check_collections(collections, mutable)
         variables = {"params": params, **(collections or {})}
@@ -275,12 +278,19 @@ class PeftLinen:
         asked = (mutable,) if isinstance(mutable, str) else tuple(mutable or ())
         held, passed = set(self.collections), set(collections)
         present = f"the model holds {sorted(held)}; this call passes {sorted(passed)}"
-        unknown = [c for c in asked if c not in held and c not in passed and c != "params"]
-        if unknown:
-            raise ValueError(
-                f"mutable asks for the collection {unknown[0]!r}, which {type(self.model).__name__} does not hold "
-                f"({present}; the held ones are those jp.apply saw with its example input)"
-            )
+        # A mutable name the model does not hold is created, as flax does ('intermediates' for
+        # capture_intermediates, a collection sown only in training); one that is a near miss of a held
+        # name is a typo, refused before it silently creates an empty collection.
+        for c in asked:
+            if c in held or c in passed or c == "params":
+                continue
+            near = difflib.get_close_matches(c, sorted(held | passed), n=1, cutoff=0.8)
+            if near:
+                raise ValueError(
+                    f"mutable asks for the collection {c!r}, which {type(self.model).__name__} does not hold "
+                    f"({present}; the held ones are those jp.apply saw with its example input): "
+                    f"did you mean {near[0]!r}?"
+                )
         missing = [c for c in sorted(held - passed) if c not in asked and c != "intermediates"]
         if missing:
             raise ValueError(
