@@ -126,3 +126,15 @@ def test_bad_input_is_refused_by_name(tokenizer):
         pack(PAIRS, tokenizer, 8)
     with pytest.raises(InstructError, match="split 'held_out' is empty"):
         split_pairs(PAIRS, held_out=0.0)
+
+
+def test_task_set_grows_past_the_one_word_kinds():
+    """The capital-letter and letter-count kinds have 30 distinct pairs each; asking for more pairs than six times
+    that used to loop forever. Now their turns pass to the other kinds, the first pairs are unchanged, and a
+    count beyond every kind's capacity is refused."""
+    pairs = arithmetic_and_word_tasks(300, seed=0)
+    assert len(set(pairs)) == 300 and pairs[:60] == PAIRS
+    capitals = [p for p in pairs if "capital letters" in p.instruction]
+    assert len(capitals) == 30 and all(p.response == p.instruction.split("'")[1].upper() for p in capitals)
+    with pytest.raises(InstructError, match="n=10000000 is more than"):
+        arithmetic_and_word_tasks(10_000_000)

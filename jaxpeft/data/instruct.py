@@ -178,11 +178,24 @@ _WORDS = ("apple", "river", "garden", "window", "silver", "orange", "pencil", "b
 
 
 def arithmetic_and_word_tasks(n: int = 240, seed: int = 0) -> list[Pair]:
-    """``n`` instruction-response pairs with one right answer each, the same for a given ``seed``."""
+    """``n`` instruction-response pairs with one right answer each, the same for a given ``seed``.
+
+    The six kinds take turns; the two one-word kinds (capital letters, letter counts) have only
+    ``len(_WORDS)`` distinct pairs each, so once one is used up its turns go to the next kind.
+
+    Raises:
+      InstructError: ``n`` is more than the distinct pairs the kinds can make.
+    """
     rng = np.random.default_rng(seed)
     pairs: list[Pair] = []
+    made = [0] * 6
+    capacity = [97 * 97, 97 * 97, 97 ** 3, len(_WORDS), len(_WORDS), 30 * 29 * 28]
+    if n > sum(capacity):
+        raise InstructError(f"arithmetic_and_word_tasks: n={n} is more than the {sum(capacity)} distinct pairs")
     while len(pairs) < n:
         kind = len(pairs) % 6
+        while made[kind] >= capacity[kind]:
+            kind = (kind + 1) % 6
         a, b, c = (int(x) for x in rng.integers(2, 99, size=3))
         w = [_WORDS[i] for i in rng.choice(len(_WORDS), size=3, replace=False)]
         if kind == 0:
@@ -199,6 +212,7 @@ def arithmetic_and_word_tasks(n: int = 240, seed: int = 0) -> list[Pair]:
             pair = Pair(f"Reverse the order of these words: {w[0]}, {w[1]}, {w[2]}.", f"{w[2]}, {w[1]}, {w[0]}.")
         if pair not in pairs:
             pairs.append(pair)
+            made[kind] += 1
     return pairs
 
 
