@@ -8,10 +8,10 @@ import pytest
 @pytest.mark.parametrize(
     "name",
     [
-        "lora",
         "adapters",
         # slow on 2 cores (CI budget); their library paths are covered by tests/test_qlora*.py and
         # tests/test_train_ownership.py, the scripts themselves by `pytest -m slow`
+        pytest.param("lora", marks=pytest.mark.slow),  # ~25 s; its train step is test_train.py's
         pytest.param("qlora", marks=pytest.mark.slow),  # ~30 s
         pytest.param("train_safety", marks=pytest.mark.slow),  # ~10 s
         pytest.param("methods", marks=pytest.mark.slow),  # ~45 s

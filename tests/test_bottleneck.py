@@ -409,6 +409,7 @@ def test_unsupported_target_is_named():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # CI budget: the contract table's rows check that a few steps lower the loss for every method
 def test_houlsby_trains_the_demo_task():
     config = LMConfig.tiny(vocab_size=data.CharTokenizer().vocab_size)
     batches = data.batches("recipes", 8, 32, seed=0)

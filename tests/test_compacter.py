@@ -317,6 +317,7 @@ def test_nnx_holds_the_rule_once_and_every_layer_sees_it():
     assert all(np.all(layer.shared["compacter@default"].phm_rule[...] == 1.0) for layer in layers)
 
 
+@pytest.mark.slow  # CI budget: the contract table's compacter rows check Linen == NNX from one seed
 def test_linen_and_nnx_agree_outputs_and_rule_gradient():
     peft = compacter(4, bottleneck=8)
     _, base, linen_model, params = lm_setup(peft)
@@ -363,6 +364,7 @@ def test_trainable_count_is_the_formula(rank, use_bias):
         assert per_site == 3 * (d + m) < (2 * d * m + d + m) / 4  # a quarter of a Houlsby adapter's, here
 
 
+@pytest.mark.slow  # CI budget (~20 s); test_prefix_tuning's chain test keeps chain() in CI
 def test_chain_with_lora_and_a_second_named_compacter():
     peft = jp.chain(jp.lora(4, targets=r"attn/(query|value)$"), compacter(4, bottleneck=8),
                     compacter_pp(2, bottleneck=4, adapter="b"))
@@ -442,6 +444,7 @@ def test_bad_config_raises(kwargs, message):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # CI budget: the contract table's rows check that a few steps lower the loss for every method
 def test_compacter_trains_the_demo_task():
     config = LMConfig.tiny(vocab_size=data.CharTokenizer().vocab_size)
     batches = data.batches("recipes", 8, 32, seed=0)

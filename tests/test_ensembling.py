@@ -35,7 +35,7 @@ from jaxpeft.ensembling import (
     wise_ft_adapter,
 )
 
-JIT = pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+JIT = pytest.mark.parametrize("jit", [pytest.param(False, marks=pytest.mark.slow), True], ids=["eager", "jit"])  # eager twins: slow (CI budget)
 
 
 def _random_tree(seed, dtype=np.float32):

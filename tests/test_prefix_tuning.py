@@ -281,6 +281,7 @@ CHAR_CONFIG = LMConfig.tiny(vocab_size=data.CharTokenizer().vocab_size)
     "peft,lr", [(prefix_tuning(4), 3e-2), (prefix_tuning(4, reparam="shared", reparam_hidden=32), 1e-2)],
     ids=["plain", "reparam"],
 )
+@pytest.mark.slow  # CI budget: the contract table's rows check that a few steps lower the loss for every method
 def test_prefix_tuning_trains_the_demo_task(peft, lr):
     model = LinenLM(CHAR_CONFIG)
     peft_model, params = jp.apply(peft, model, jax.random.key(1), np.zeros((1, 32), np.int32))

@@ -249,6 +249,7 @@ def _train(loss_fn, trainable, frozen, lr, seed):
     return before, np.mean([evaluate(result.trainable, frozen, b, None) for b in evals])
 
 
+@pytest.mark.slow  # CI budget: the contract table's rows check that a few steps lower the loss for every method
 def test_prompt_tuning_trains_the_demo_task_linen():
     model = LinenLM(CHAR_CONFIG)
     example = np.zeros((1, 32), np.int32)
@@ -262,6 +263,7 @@ def test_prompt_tuning_trains_the_demo_task_linen():
     assert after < before - 0.2, (before, after)
 
 
+@pytest.mark.slow  # CI budget: the contract table's rows check that a few steps lower the loss for every method
 def test_p_tuning_trains_the_demo_task_nnx():
     base = LinenLM(CHAR_CONFIG).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
     model = nnx_from_linen_params(CHAR_CONFIG, base)

@@ -447,7 +447,8 @@ def test_single_device_mesh_round_trip():
     placed = jax.device_put(params, sh)
     x = jnp.ones((2, 16))
     y = jax.jit(peft_model.apply, in_shardings=(sh, None))(placed, x)
-    np.testing.assert_array_equal(y, peft_model.apply(params, x))
+    # One jitted program against op-by-op dispatch: equal up to fp32 summation order.
+    np.testing.assert_allclose(y, peft_model.apply(params, x), rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from jaxpeft.task_arithmetic import (
     ties_merge,
 )
 
-JIT = pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+JIT = pytest.mark.parametrize("jit", [pytest.param(False, marks=pytest.mark.slow), True], ids=["eager", "jit"])  # eager twins: slow (CI budget)
 
 
 def _tree(seed, dtype=np.float32):

@@ -24,7 +24,7 @@ from jaxpeft.train import (
     make_train_step,
 )
 
-JIT = pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
+JIT = pytest.mark.parametrize("jit", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["jit", "nojit"])  # eager twins: slow (CI budget)
 
 
 # ---------------------------------------------------------------- problems
