@@ -36,7 +36,7 @@ from ``nn.scan`` / ``nnx.vmap``, heads, experts) carries them in front (``A: [L,
 the kernel's entries for those axes unless the declaration already covers them (``"kernel"``).
 
 A method declares them as an attribute ``param_axes = {"lora_a": ("in", "rank"), ...}``, or per
-site with ``param_axes_at(site)``; LoRA's are known here. A PEFT leaf without a declaration is
+site with ``param_axes_at(site)`` (``jaxpeft.methods.protocol``). A PEFT leaf without a declaration is
 replicated, with a warning naming it; leaves shared by all of a method's sites are replicated.
 """
 
@@ -53,6 +53,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxpeft import tree as _tree
+from jaxpeft.methods.lora import PARAM_AXES as LORA_AXES
+from jaxpeft.methods.protocol import check_method
 from jaxpeft.quant._array import QuantizedArray
 
 __all__ = [
@@ -68,9 +70,9 @@ __all__ = [
 P = PartitionSpec
 Rules = Sequence[tuple[str, Any]]
 
-LORA_PARAM_AXES: tuple[tuple[Any, ...], tuple[Any, ...]] = (("in", "rank"), ("rank", "out"))
-"""LoRA's ``(A, B)``: ``A: [*in_shape, r]`` follows the kernel's input axes, ``B: [r, *out_shape]``
-its outputs (whatever the leaves are named: ``lora_a`` or ``lora_a@<adapter>``)."""
+LORA_PARAM_AXES: tuple[tuple[Any, ...], tuple[Any, ...]] = LORA_AXES
+"""LoRA's ``(A, B)`` (``LoRA.param_axes`` gives them its leaf names): ``A: [*in_shape, r]`` follows
+the kernel's input axes, ``B: [r, *out_shape]`` its outputs."""
 
 SHARED = "peft_shared"  # the top-level key of leaves a method shares across sites (bind.plan.SHARED)
 
@@ -96,25 +98,17 @@ def _capped(lines: Sequence[str]) -> str:
 def param_axes(method: Any, site: Any = None) -> Mapping[str, tuple[Any, ...]] | None:
     """How each leaf of ``method`` relates to its kernel's axes, or None if it does not say.
 
-    A method declares them with ``param_axes_at(site) -> mapping`` (when they depend on the
-    site: IA3 scales a layer's input at some sites and its output at others) or with a
-    ``param_axes`` mapping; LoRA (``jaxpeft.methods.lora.LoRA``) is known here.
+    A method declares them (``jaxpeft.methods.protocol``) with ``param_axes_at(site) -> mapping``
+    (when they depend on the site: IA3 scales a layer's input at some sites and its output at
+    others) or with a ``param_axes`` mapping (LoRA's: ``LORA_PARAM_AXES`` under its leaf names).
     """
-    if not hasattr(method, "param_names") or not hasattr(method, "targets"):
-        raise TypeError(f"param_axes expects a PEFT method (jp.lora(...), ...), got {type(method).__name__}: {method!r}")
-    at = getattr(method, "param_axes_at", None)
-    if at is not None and site is not None:
-        axes = at(site)
-        if axes is not None:
-            return axes
-    own = getattr(method, "param_axes", None)
-    if own is not None:
-        return own
-    from jaxpeft.methods.lora import LoRA  # lazy: methods import nothing from here
-
-    if isinstance(method, LoRA):
-        return dict(zip(method.param_names, LORA_PARAM_AXES))
-    return None
+    try:
+        check_method(method)
+    except TypeError as error:
+        raise TypeError(f"param_axes expects a PEFT method (jp.lora(...), ...), got {type(method).__name__}: "
+                        f"{method!r}. {error}") from None
+    axes = method.param_axes_at(site) if site is not None else None
+    return axes if axes is not None else method.param_axes
 
 
 def _mesh_axes(entry: Any) -> tuple[str, ...]:

@@ -487,11 +487,11 @@ def _factor_names(config: LoRA) -> tuple[str, str]:
 
 
 def _rank_at(config: LoRA, path: str) -> int:
-    return config.rank_at(path) if hasattr(config, "rank_at") else config.rank
+    return config.rank_at(path)
 
 
 def _scale_at(config: LoRA, path: str) -> float:
-    return config.scale_at(path) if hasattr(config, "scale_at") else config.scale
+    return config.scale_at(path)
 
 
 def _lora_sites(adapter: Any, config: LoRA, name: str) -> dict[str, dict[str, jax.Array]]:
@@ -545,7 +545,7 @@ def _plan_adapters(adapters, weights, configs, combination, rank) -> _Plan:
     bad = [i for i, c in enumerate(configs) if not isinstance(c, LoRA)]
     if bad:
         raise TypeError(f"{where}: configs {bad} are not LoRA configs (jp.lora(...)); pass one per adapter")
-    pissa = [i for i, c in enumerate(configs) if getattr(c, "init", None) == "pissa"]
+    pissa = [i for i, c in enumerate(configs) if c.init == "pissa"]
     if pissa:
         raise ValueError(
             f"{where}: adapters {pissa} are PiSSA adapters, each an update of its own residual base kernel "

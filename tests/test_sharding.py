@@ -30,6 +30,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 import jaxpeft as jp
+from jaxpeft.methods.protocol import PeftMethod
 from jaxpeft import checkpoint as ckpt
 from jaxpeft.checkpoint import CheckpointCorruptError, CheckpointMismatchError
 from jaxpeft.sharding import ShardingError, check_specs, optimizer_specs, peft_specs, shardings
@@ -281,17 +282,14 @@ def test_quantized_kernel_shards_like_its_float_original():
 # A method that declares its own leaves' axes: an (IA)^3-style output scale (Liu et al. 2022,
 # https://arxiv.org/abs/2205.05638), ``y = (x W) * l`` with ``l: [*out_shape]``.
 @dataclasses.dataclass(frozen=True)
-class OutputScale:
+class OutputScale(PeftMethod):
     targets: Any = "up$"
-    param_names: ClassVar[tuple[str, ...]] = ("ia3_scale",)
+    adapter: str = "default"
+    name: ClassVar[str] = "output_scale"
+    leaves: ClassVar[tuple[str, ...]] = ("ia3_scale",)
     param_axes: ClassVar[dict] = {"ia3_scale": ("out",)}
-
-    @property
-    def trainable(self):
-        return r"ia3_scale$"
-
-    def check_site(self, site):
-        pass
+    merges: ClassVar[bool] = False
+    unmerges: ClassVar[bool] = False
 
     def init_site(self, key, site, base=None):
         return {"ia3_scale": jnp.ones(site.out_shape)}
@@ -299,15 +297,16 @@ class OutputScale:
     def apply_site(self, params, site, x, base_fn, *, rng=None, base=None, shared=None):
         return base_fn(x) * params["ia3_scale"]
 
+    def merge_site(self, params, base, site=None):
+        raise TypeError("the sharding tests' OutputScale does not merge")
+
+    unmerge_site = merge_site
+
 
 @dataclasses.dataclass(frozen=True)
 class Undeclared(OutputScale):
-    param_names: ClassVar[tuple[str, ...]] = ("mystery",)
+    leaves: ClassVar[tuple[str, ...]] = ("mystery",)
     param_axes: ClassVar[None] = None
-
-    @property
-    def trainable(self):
-        return r"mystery$"
 
     def init_site(self, key, site, base=None):
         return {"mystery": jnp.ones(site.out_shape)}

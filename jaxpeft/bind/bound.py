@@ -28,7 +28,7 @@ from typing import Any
 
 import jax
 
-from jaxpeft.bind.plan import SHARED, Placement, shared_key, with_shared
+from jaxpeft.bind.plan import SHARED, Placement, with_shared
 from jaxpeft.bind.select import Adapters, adapter_of, resolve
 from jaxpeft.methods.site import Site
 from jaxpeft.quant import QuantizedArray, dequantize, dequantize_array
@@ -129,7 +129,7 @@ def init_site_leaves(placement: Placement, key: jax.Array, base: Mapping) -> tup
     for k, method in zip(site_keys(key, placement), placement.methods):
         for name, value in method.init_site(k, site, base).items():
             if name in BASE_LEAVES:
-                if not getattr(method, "updates_base", False):
+                if not method.updates_base:
                     raise ValueError(f"{type(method).__name__}.init_site returned the base leaf {name!r} at "
                                      f"{site.path!r} without declaring updates_base = True")
                 base[name] = value
@@ -241,12 +241,12 @@ def fold(bound: Bound) -> Bound:
         methods = []
         for m in p.methods:
             if m.foldable:  # the protocol declares fold_site on every method; only foldable ones define it
-                shared = bound.params[SHARED][shared_key(m)] if m.shared_names else None
+                shared = bound.params[SHARED][m.shared_key] if m.shared_names else None
                 leaves = m.fold_site({n: node[n] for n in m.param_names}, p.site, shared)
                 node = {k: v for k, v in node.items() if k not in m.param_names}
                 node.update(leaves)
                 if shared is not None:
-                    folded_shared.add(shared_key(m))
+                    folded_shared.add(m.shared_key)
             methods.append(m.folded())
         params = set_path(params, p.site.path.split("/"), node)
         placements.append(Placement(p.site, tuple(methods)))
@@ -276,7 +276,7 @@ def delete(bound: Bound, adapter: str) -> Bound:
         gone = {n for m in p.methods if adapter_of(m) == adapter for n in m.param_names}
         params = set_path(params, p.site.path.split("/"), {k: v for k, v in node.items() if k not in gone})
         placements.append(Placement(p.site, tuple(m for m in p.methods if adapter_of(m) != adapter)))
-    gone_shared = {shared_key(m) for p in bound.placements for m in p.methods if adapter_of(m) == adapter}
+    gone_shared = {m.shared_key for p in bound.placements for m in p.methods if adapter_of(m) == adapter}
     if SHARED in params:
         rest = {k: v for k, v in params[SHARED].items() if k not in gone_shared}
         params = {k: v for k, v in params.items() if k != SHARED}

@@ -31,10 +31,10 @@ from jaxpeft.bind.plan import (
     SHARED,
     Layer,
     Placement,
+    is_model_method,
     model_methods,
     outermost_last,
     plan,
-    shared_key,
 )
 from jaxpeft.bind import quantized
 from jaxpeft.bind.quantized import is_quantized
@@ -211,7 +211,7 @@ class PeftLinen:
         prefixed: dict[str, dict[str, int]] = {}
         for p in self.placements:
             rows = model_level.sequence_extension(p.methods, is_active)
-            if any(getattr(m, "extends_sequence", False) for m in p.methods):
+            if any(m.extends_sequence for m in p.methods):
                 prefixed.setdefault(p.site.path.rpartition("/")[0], {})[p.site.path] = rows
 
         def intercept(next_fun, call_args, call_kwargs, context):
@@ -251,9 +251,9 @@ class PeftLinen:
             if adapter_ids is not None:
                 return mixed_call(methods, params_of, site, x, fn, names, adapter_ids)
             for m in methods:
-                wants_rng = getattr(m, "dropout", 0.0) > 0.0 and module.has_rng("dropout")
+                wants_rng = m.dropout > 0.0 and module.has_rng("dropout")
                 rng = module.make_rng("dropout") if wants_rng else None
-                shared = params[SHARED][shared_key(m)] if getattr(m, "shared_names", ()) else None
+                shared = params[SHARED][m.shared_key] if m.shared_names else None
                 fn = functools.partial(m.apply_site, params_of(m), site, base_fn=fn, rng=rng, base=base, shared=shared)
             return fn(x)
 
@@ -347,7 +347,7 @@ def apply_linen(
     prompts = model_methods(peft)
     if prompts:
         model_level.check_prompt_protocol(model, type(model).__call__)
-    extends = any(getattr(m, "extends_sequence", False) for m in methods)
+    extends = any(m.extends_sequence for m in methods if not is_model_method(m))
     # The PEFT leaves come from ``key`` itself, as in the NNX binding (same seed, same adapters).
     base_key, peft_key = jax.random.split(key)[0], key
     if params is None:

@@ -127,7 +127,7 @@ def call_with_prompts(
 
 def sequence_extension(methods: Sequence[Transform], active: Callable[[Transform], bool]) -> int:
     """How many rows the active sequence-extending methods (prefix tuning) prepend at one site."""
-    return sum(m.length for m in methods if getattr(m, "extends_sequence", False) and active(m))
+    return sum(m.length for m in methods if m.extends_sequence and active(m))
 
 
 def prefix_length(children: Mapping[str, int], where: str) -> int:

@@ -31,7 +31,7 @@ from flax import nnx
 
 from jaxpeft.bind import bound as bound_ops
 from jaxpeft.bind import model as model_level
-from jaxpeft.bind.plan import SHARED, Layer, Placement, model_methods, outermost_last, plan, shared_key
+from jaxpeft.bind.plan import SHARED, Layer, Placement, model_methods, outermost_last, plan
 from jaxpeft.bind import quantized
 from jaxpeft.bind.quantized import is_quantized
 from jaxpeft.bind.select import Adapters, adapter_of, check_mixed, mixed_call, resolve
@@ -151,7 +151,7 @@ class PeftLayer(nnx.Module):
             self.shared = nnx.data({**self.shared, **shared})
         for name, value in params.items():
             setattr(self, name, PeftParam(value))
-        if self.rngs is None and any(getattr(m, "dropout", 0.0) > 0.0 for m in self.methods):
+        if self.rngs is None and any(m.dropout > 0.0 for m in self.methods):
             self.rngs = nnx.Rngs(dropout=key)
 
     def remove(self, adapter: str) -> None:
@@ -160,7 +160,7 @@ class PeftLayer(nnx.Module):
         for m in gone:
             for name in m.param_names:
                 delattr(self, name)
-        self.shared = nnx.data({k: v for k, v in self.shared.items() if k not in {shared_key(m) for m in gone}})
+        self.shared = nnx.data({k: v for k, v in self.shared.items() if k not in {m.shared_key for m in gone}})
         self.methods = tuple(m for m in self.methods if adapter_of(m) != adapter)
 
     def is_active(self, method: Any) -> bool:
@@ -184,9 +184,9 @@ class PeftLayer(nnx.Module):
         for m in outermost_last(self.methods):
             if not self.is_active(m):
                 continue
-            use_rng = self.rngs is not None and not self.deterministic and getattr(m, "dropout", 0.0) > 0.0
+            use_rng = self.rngs is not None and not self.deterministic and m.dropout > 0.0
             rng = self.rngs.dropout() if use_rng else None
-            shared = self.shared[shared_key(m)].values() if getattr(m, "shared_names", ()) else None
+            shared = self.shared[m.shared_key].values() if m.shared_names else None
             base = _base_params(self.base_layer)
             fn = functools.partial(m.apply_site, params_of(m), site, base_fn=fn, rng=rng, base=base, shared=shared)
         return fn(x)
@@ -258,7 +258,7 @@ class _PrefixMask:
         rows = {
             name: model_level.sequence_extension(child.methods, child.is_active)
             for name, child in vars(self).items()
-            if isinstance(child, PeftLayer) and any(getattr(m, "extends_sequence", False) for m in child.methods)
+            if isinstance(child, PeftLayer) and any(m.extends_sequence for m in child.methods)
         }
         where = _base_class(self).__name__
         extra = model_level.prefix_length(rows, where)
@@ -359,7 +359,7 @@ def apply_nnx(peft: Transform, model: nnx.Module, key: jax.Array) -> nnx.Module:
     # Attention modules above prefixed projections: their masks grow, a decode cache is refused.
     attention = {}
     for p in placements:
-        if any(getattr(m, "extends_sequence", False) for m in p.methods):
+        if any(m.extends_sequence for m in p.methods):
             parts = _parts(model, p.site.path)[:-1]
             node = _get(model, parts)
             if model_level.has_decode(node):
@@ -400,7 +400,7 @@ def apply_nnx(peft: Transform, model: nnx.Module, key: jax.Array) -> nnx.Module:
                 target.base_layer = base_layer
             else:
                 target = base_layer
-        refs = {shared_key(m): shared[shared_key(m)] for m in placement.methods if shared_key(m) in shared}
+        refs = {m.shared_key: shared[m.shared_key] for m in placement.methods if m.shared_key in shared}
         dropout_key = _dropout_key(key, placement.site.path)
         if isinstance(target, PeftLayer):
             target.add(placement.methods, params, dropout_key, refs)
@@ -632,7 +632,7 @@ def write(model: nnx.Module, bound: bound_ops.Bound) -> nnx.Module:
         layer.base_layer = base_layer
         layer.methods = tuple(methods)
         groups = {} if holder is None else {name: holder[name] for name in holder.keys()}
-        layer.shared = nnx.data({shared_key(m): groups[shared_key(m)] for m in methods if shared_key(m) in groups})
+        layer.shared = nnx.data({m.shared_key: groups[m.shared_key] for m in methods if m.shared_key in groups})
     for root_path, root in [(tuple(p), n) for p, n in nnx.iter_graph(new) if isinstance(n, _PromptModel)]:
         keep_groups = {m.group for m in bound.prompts}
         for m in root.peft_model_methods:

@@ -86,7 +86,7 @@ def plan(
         check_site_patterns(method, [layer.path for layer in hits])
         for layer in hits:
             method.check_site(layer.site)
-            if getattr(method, "extends_sequence", False):
+            if method.extends_sequence:
                 check_sequence_layout(method, layer)
             by_path.setdefault(layer.path, []).append(method)
 
@@ -102,18 +102,10 @@ def plan(
 def check_site_patterns(method: Transform, site_paths: Sequence[str]) -> None:
     """A per-site option whose regex reaches none of the method's sites is a mistake: refuse it.
 
-    ``rank_pattern`` / ``alpha_pattern`` keys (LoRA), and IA3's ``feedforward`` when it is not the
-    default (the default may legitimately miss when ``targets`` leaves out the MLP).
+    The method names them (``site_patterns()``): ``rank_pattern`` / ``alpha_pattern`` keys (LoRA),
+    IA3's ``feedforward`` when it is not the default.
     """
-    keys = [(field, regex) for field in ("rank_pattern", "alpha_pattern") for regex, _ in getattr(method, field, ())]
-    feedforward = getattr(method, "feedforward", None)
-    if feedforward is not None:
-        from jaxpeft.methods.ia3 import IA3_FEEDFORWARD
-
-        if feedforward != IA3_FEEDFORWARD:
-            items = feedforward if isinstance(feedforward, tuple) else (feedforward,)
-            keys += [("feedforward", getattr(r, "pattern", r)) for r in items]
-    for field, regex in keys:
+    for field, regex in method.site_patterns():
         if not any(re.search(regex, path) for path in site_paths):
             raise SelectorError(
                 f"{type(method).__name__} {field} key {regex!r} matches none of its {len(site_paths)} target sites "
@@ -134,7 +126,7 @@ def check_sequence_layout(method: Transform, layer: Layer) -> None:
 
 def is_model_method(method: Transform) -> bool:
     """A model-level method (soft prompts) runs around the model's forward pass, not at a layer."""
-    return getattr(method, "scope", "site") == "model"
+    return method.scope == "model"
 
 
 def model_methods(peft: Transform) -> tuple[Transform, ...]:
@@ -144,15 +136,10 @@ def model_methods(peft: Transform) -> tuple[Transform, ...]:
 
 def outermost_last(methods: Sequence[Transform]) -> tuple[Transform, ...]:
     """Methods in chain order, sequence-extending ones (prefix tuning) last: the prefix is the final key."""
-    return tuple(sorted(methods, key=lambda m: bool(getattr(m, "extends_sequence", False))))
+    return tuple(sorted(methods, key=lambda m: m.extends_sequence))
 
 
 SHARED = "peft_shared"  # top-level key of the leaves a method shares across its sites
-
-
-def shared_key(method: Transform) -> str:
-    """Where a method's shared leaves live under ``peft_shared``: ``"<name>@<adapter>"``."""
-    return f"{getattr(method, 'name', type(method).__name__.lower())}@{getattr(method, 'adapter', 'default')}"
 
 
 def with_shared(placements: Sequence[Placement]) -> dict[str, tuple[Transform, list[Site]]]:
@@ -160,6 +147,6 @@ def with_shared(placements: Sequence[Placement]) -> dict[str, tuple[Transform, l
     out: dict[str, tuple[Transform, list[Site]]] = {}
     for p in placements:
         for m in p.methods:
-            if getattr(m, "shared_names", ()):
-                out.setdefault(shared_key(m), (m, []))[1].append(p.site)
+            if m.shared_names:
+                out.setdefault(m.shared_key, (m, []))[1].append(p.site)
     return out

@@ -20,7 +20,7 @@ Adapters = bool | str | Sequence[str]
 
 
 def adapter_of(method: Transform) -> str:
-    return getattr(method, "adapter", "default")
+    return method.adapter
 
 
 def resolve(adapters: Adapters, known: Sequence[str]) -> frozenset[str]:

@@ -34,6 +34,7 @@ import numpy as np
 
 from jaxpeft._files import write_bytes_atomic
 from jaxpeft.interop.mapping import PathMapping, get_mapping
+from jaxpeft.methods.protocol import check_method
 
 __all__ = ["PeftFormatError", "export_peft", "import_peft", "load_into_nnx", "PREFIX"]
 
@@ -123,9 +124,13 @@ def _peft_pattern_value(pattern: Mapping[str, Any] | None, name: str, default: A
 
 
 def _method_name(peft: Any) -> str:
-    config = peft.config() if callable(getattr(type(peft), "config", None)) else None
+    try:
+        check_method(peft)
+    except TypeError as error:
+        raise PeftFormatError(f"{type(peft).__name__} is not a jaxpeft method transform: {error}") from None
+    config = peft.config()
     if not isinstance(config, Mapping) or "method" not in config:
-        raise PeftFormatError(f"{type(peft).__name__} is not a jaxpeft method transform (no config() with a method)")
+        raise PeftFormatError(f"{type(peft).__name__}.config() has no 'method' key: {config!r}")
     return config["method"]
 
 

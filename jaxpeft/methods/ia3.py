@@ -117,6 +117,13 @@ class IA3(PeftMethod):
             return {self.param_names[0]: ("out",)}
         return None
 
+    def site_patterns(self) -> tuple[tuple[str, str], ...]:
+        """A ``feedforward`` other than the default must reach a site (the default may miss: no MLP targeted)."""
+        if self.feedforward is None or self.feedforward == IA3_FEEDFORWARD:
+            return ()
+        items = self.feedforward if isinstance(self.feedforward, tuple) else (self.feedforward,)
+        return tuple(("feedforward", r.pattern if isinstance(r, re.Pattern) else r) for r in items)
+
     def is_feedforward(self, site: Site) -> bool:
         """Whether ``site`` scales its input (an MLP down projection) rather than its output."""
         return _is_feedforward(self.feedforward, site.path)

@@ -55,6 +55,8 @@ _freeze_pattern = freeze_pattern
 _is_rank = is_rank
 _is_alpha = is_alpha
 
+PARAM_AXES = (("in", "rank"), ("rank", "out"))  # A, B as kernel-axis tokens (jaxpeft.sharding)
+
 
 @dataclasses.dataclass(frozen=True)
 class LoRA(PeftMethod):
@@ -133,6 +135,16 @@ class LoRA(PeftMethod):
     def updates_base(self) -> bool:
         """PiSSA keeps the residual ``W - s A B`` in the base kernel (``init_site`` returns ``"kernel"``)."""
         return self.init == "pissa"
+
+    @property
+    def param_axes(self) -> Mapping[str, tuple[Any, ...]]:
+        """Sharding (``jaxpeft.sharding``): A ``[*in, r]`` follows the kernel's input axes, B ``[r, *out]`` its outputs."""
+        return dict(zip(self.param_names, PARAM_AXES))
+
+    def site_patterns(self) -> tuple[tuple[str, str], ...]:
+        """The ``rank_pattern`` / ``alpha_pattern`` keys: each must reach one of the sites."""
+        fields = (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern))
+        return tuple((field, regex) for field, pattern in fields for regex, _ in pattern)
 
     @property
     def scale(self) -> float:

@@ -132,9 +132,6 @@ class _SoftPrompt(PeftMethod):
     merges: ClassVar[bool] = False
     unmerges: ClassVar[bool] = False
     identity_at_init: ClassVar[bool] = False
-    # methods_of (jaxpeft.transform) reads the per-site protocol's names; a model-level method
-    # targets no layer and has no per-site functions (the bindings call init_model / apply_model).
-    targets: ClassVar[Any] = None
     group_name: ClassVar[str]
     length: int
     adapter: str
@@ -152,11 +149,6 @@ class _SoftPrompt(PeftMethod):
     def trainable(self) -> str:
         """Selector of this method's leaves (all under ``group``, at the top of the tree)."""
         return rf"^{re.escape(self.group)}/"
-
-    def init_site(self, *args: Any, **kwargs: Any) -> Any:
-        raise TypeError(f"{type(self).__name__} is a model-level method: bind it with jp.apply (init_model)")
-
-    apply_site = init_site
 
     def prompt(self, params: Mapping[str, jax.Array]) -> jax.Array:
         """The virtual-token embeddings ``[length, d_model]``: each soft-prompt method defines it."""

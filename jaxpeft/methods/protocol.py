@@ -20,19 +20,32 @@ hook                          default            meaning
 ``scope``                     ``"site"``         ``"model"`` for soft prompts (run around the model)
 ``site_kinds``                ``{"linear"}``     site kinds it attaches to: ``"linear"``, ``"conv"``,
                                                  ``"embed"``; other kinds are refused by name
-``extends_sequence``          ``False``          its output has more rows than its input (prefix)
+``check_site(site)``          kind check         raise before any work if it cannot attach to ``site``
+``site_patterns()``           ``()``             ``(option, regex)`` pairs (LoRA's ``rank_pattern``
+                                                 keys): each must match one of its sites, or the
+                                                 binding refuses it
+``extends_sequence``          ``False``          its output has more rows than its input (prefix
+                                                 tuning); such a method has ``length``, the rows
 ``shared_names``              ``()``             leaves shared by all its sites (``init_shared``)
 ``shared_key``                ``"<name>@<ad>"``  where shared leaves live under ``peft_shared``
+``init_shared(key, sites)``   ``{}``             the shared leaves
 ``updates_base``              ``False``          ``init_site`` may return new base leaves (PiSSA)
 ``dropout``                   ``0.0``            > 0: the binding passes a dropout key as ``rng``
 ``param_axes``                ``None``           sharding: each leaf's axes as kernel-axis tokens
 ``param_axes_at(site)``       ``param_axes``     the same, per site
-``init_shared(key, sites)``   ``{}``             the shared leaves
 ``merges`` / ``unmerges``     ``True``           whether ``merge_site`` / ``unmerge_site`` work
 ``identity_at_init``          ``True``           the bound model equals the base at init
 ``foldable``                  ``False``          ``fold_site`` / ``fold_model`` exist (reparam MLPs)
 ``folded()``                  ``self``           the plain method a fold turns it into
+``fold_site(params, site)``   raises TypeError   the site's leaves under ``folded()`` (foldable)
+``fold_model(params)``        raises TypeError   the model's leaves under ``folded()`` (foldable)
 ============================  =================  ===================================================
+
+What a method must define itself: ``name``, ``leaves`` (or ``param_names``), an ``adapter`` field,
+and for a site method ``targets``, ``init_site``, ``apply_site``, ``merge_site`` and ``unmerge_site``
+(a method that cannot merge sets ``merges = False`` and raises there); for a model method ``group``,
+``init_model`` and ``apply_model``. ``check_method`` refuses, before any work, an object that is
+neither a ``PeftMethod`` nor a complete ``SiteMethod`` / ``ModelMethod``, naming what it lacks.
 """
 
 from __future__ import annotations
@@ -91,6 +104,8 @@ class SiteMethod(Protocol):
 
     def check_site(self, site: Site) -> None: ...
 
+    def site_patterns(self) -> tuple[tuple[str, str], ...]: ...
+
     def init_site(self, key: jax.Array, site: Site, base: Mapping[str, Any] | None = None) -> dict[str, jax.Array]: ...
 
     def init_shared(self, key: jax.Array, sites: Sequence[Site]) -> dict[str, jax.Array]: ...
@@ -114,6 +129,10 @@ class SiteMethod(Protocol):
     def param_axes_at(self, site: Site) -> Mapping[str, tuple[Any, ...]] | None: ...
 
     def folded(self) -> SiteMethod: ...
+
+    def fold_site(
+        self, params: Mapping[str, jax.Array], site: Site, shared: Mapping[str, jax.Array] | None = None
+    ) -> dict[str, jax.Array]: ...
 
 
 @runtime_checkable
@@ -148,6 +167,8 @@ class ModelMethod(Protocol):
     ) -> Any: ...
 
     def folded(self) -> ModelMethod: ...
+
+    def fold_model(self, params: Mapping[str, jax.Array]) -> dict[str, jax.Array]: ...
 
 
 def config_value(value: Any) -> Any:
@@ -228,6 +249,10 @@ class PeftMethod:
         """Raise before any work if this method cannot attach to ``site`` (its kind, by default)."""
         check_kind(self, site)
 
+    def site_patterns(self) -> tuple[tuple[str, str], ...]:
+        """``(option, regex)`` pairs of per-site options; a regex matching none of the sites is refused."""
+        return ()
+
     def init_shared(self, key: jax.Array, sites: Sequence[Site]) -> dict[str, jax.Array]:
         """Leaves shared by all of this method's sites (none by default)."""
         return {}
@@ -243,6 +268,52 @@ class PeftMethod:
     def fold_site(self, params: Mapping[str, jax.Array], site: Site, shared: Mapping[str, jax.Array] | None = None):
         """The site's leaves under ``folded()`` (only ``foldable`` methods define it)."""
         raise TypeError(f"{type(self).__name__} is not foldable")
+
+    def fold_model(self, params: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """The model-level leaves under ``folded()`` (only ``foldable`` model methods define it)."""
+        raise TypeError(f"{type(self).__name__} is not foldable")
+
+
+# What each scope's method must define itself (the base gives every other hook a default).
+_OWN = {"site": ("adapter", "targets", "init_site", "apply_site", "merge_site", "unmerge_site"),
+        "model": ("adapter", "group", "init_model", "apply_model")}
+
+
+def _members(protocol: type) -> tuple[str, ...]:
+    """The attribute and method names a ``Protocol`` class declares."""
+    declared = {*protocol.__dict__.get("__annotations__", {}), *protocol.__dict__}
+    return tuple(sorted(n for n in declared if not n.startswith("_")))
+
+
+def check_method(method: Any) -> Any:
+    """``method`` itself if it is a PEFT method; otherwise a TypeError naming its type and what it lacks.
+
+    A method is a ``PeftMethod`` subclass that defines what its ``scope`` needs (``_OWN``), or any
+    object with every member of ``SiteMethod`` or ``ModelMethod``. This is the one place that probes
+    an object for the protocol's names; everything else reads them as plain attributes.
+    """
+    if isinstance(method, PeftMethod):
+        scope = method.scope
+        if scope not in _OWN:
+            raise TypeError(f"{type(method).__name__}.scope is {scope!r}; it must be 'site' or 'model'")
+        missing = [n for n in _OWN[scope] if not hasattr(method, n)]
+        if missing:
+            raise TypeError(
+                f"{type(method).__name__} is a {scope} method (PeftMethod, scope={scope!r}) that does not define "
+                f"{', '.join(missing)}"
+            )
+        return method
+    protocols = {"site": SiteMethod, "model": ModelMethod}
+    lacks = {scope: [n for n in _members(p) if not hasattr(method, n)] for scope, p in protocols.items()}
+    scope = getattr(method, "scope", "site")  # the base's default
+    scope = scope if scope in lacks else "site"
+    if not lacks[scope]:
+        return method
+    raise TypeError(
+        f"{type(method).__name__} is not a PEFT method: it does not derive jaxpeft.methods.PeftMethod (which "
+        f"gives every optional hook its default), and as a {protocols[scope].__name__} it lacks "
+        f"{', '.join(lacks[scope])}"
+    )
 
 
 def check_kind(method: Any, site: Site) -> None:
