@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import jaxpeft as jp
-from jaxpeft.bind.plan import SHARED, shared_key
+from jaxpeft.bind.plan import SHARED
 from jaxpeft.demo import data
 from jaxpeft.methods import compacter as compacter_module
 from jaxpeft.methods.bottleneck import HOULSBY_TARGETS, PFEIFFER_TARGETS
@@ -246,7 +246,7 @@ def test_slow_weights_are_one_leaf_used_by_every_site():
     peft, peft_model, params = branches_setup()
     rule_paths = [p for p in jp.paths(params) if p.endswith("phm_rule")]
     assert rule_paths == [RULE] and params[SHARED]["compacter@default"]["phm_rule"].shape == (2, 2, 2)
-    assert RULE.split("/")[1] == shared_key(peft)  # the method's shared_key is the binding's
+    assert RULE.split("/")[1] == peft.shared_key  # where the binding stores the shared leaves
     assert compacter_module.SHARED == SHARED
 
     # Every site's output is the NumPy Compacter with the one shared rule.
