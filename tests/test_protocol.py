@@ -226,6 +226,11 @@ def test_a_model_method_is_checked_against_the_model_protocol():
 
     with pytest.raises(TypeError, match=r"Odd.scope is 'layer'; it must be 'site' or 'model'"):
         check_method(Odd())
+    with pytest.raises(TypeError, match=r"NotDerived.scope is 'layer'"):
+        check_method(type("NotDerived", (NotDerived,), {"scope": "layer"})())
+    with pytest.raises(TypeError, match=r"NotDerived is not a PEFT method.*as a ModelMethod it lacks apply_model, "
+                                        r"fold_model, group, init_model$"):
+        check_method(type("NotDerived", (NotDerived,), {"scope": "model"})())
 
 
 def test_site_patterns_are_declared_by_the_methods_that_have_them():

@@ -292,10 +292,10 @@ def check_method(method: Any) -> Any:
     object with every member of ``SiteMethod`` or ``ModelMethod``. This is the one place that probes
     an object for the protocol's names; everything else reads them as plain attributes.
     """
+    scope = getattr(method, "scope", "site")  # the base's default
+    if scope not in _OWN:
+        raise TypeError(f"{type(method).__name__}.scope is {scope!r}; it must be 'site' or 'model'")
     if isinstance(method, PeftMethod):
-        scope = method.scope
-        if scope not in _OWN:
-            raise TypeError(f"{type(method).__name__}.scope is {scope!r}; it must be 'site' or 'model'")
         missing = [n for n in _OWN[scope] if not hasattr(method, n)]
         if missing:
             raise TypeError(
@@ -303,17 +303,14 @@ def check_method(method: Any) -> Any:
                 f"{', '.join(missing)}"
             )
         return method
-    protocols = {"site": SiteMethod, "model": ModelMethod}
-    lacks = {scope: [n for n in _members(p) if not hasattr(method, n)] for scope, p in protocols.items()}
-    scope = getattr(method, "scope", "site")  # the base's default
-    scope = scope if scope in lacks else "site"
-    if not lacks[scope]:
-        return method
-    raise TypeError(
-        f"{type(method).__name__} is not a PEFT method: it does not derive jaxpeft.methods.PeftMethod (which "
-        f"gives every optional hook its default), and as a {protocols[scope].__name__} it lacks "
-        f"{', '.join(lacks[scope])}"
-    )
+    protocol = SiteMethod if scope == "site" else ModelMethod
+    missing = [n for n in _members(protocol) if not hasattr(method, n)]
+    if missing:
+        raise TypeError(
+            f"{type(method).__name__} is not a PEFT method: it does not derive jaxpeft.methods.PeftMethod (which "
+            f"gives every optional hook its default), and as a {protocol.__name__} it lacks {', '.join(missing)}"
+        )
+    return method
 
 
 def check_kind(method: Any, site: Site) -> None:
