@@ -240,7 +240,7 @@ def test_domain_tokenizer_pieces():
 # Instruction tuning on Gemma
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.slow  # compiles a train step, an eval and a generate on a random tiny Gemma: ~50 s on the shared box (load 4-5)
+@pytest.mark.slow  # compiles a train step, an eval and a generate on a random tiny Gemma: 25-50 s on the shared 2-core box
 def test_instruct_gemma_recipe_smoke(tmp_path):
     """End to end on a random tiny Gemma (no file read): training lowers the response loss on the fixed train
     batch, the numbers it reports are in range, and the results JSON and page are written."""
