@@ -25,8 +25,10 @@ from benchmarks.peers import shared as S
 from benchmarks.peers.worker import JAX_PEERS, TORCH_PEERS
 
 BASELINE = "jaxpeft-linen"
-ROW_PEERS = {row: tuple(p for p in JAX_PEERS + TORCH_PEERS if not (row in S.DORA_ROWS and p == "nnx-lora"))
-             for row in S.ROWS}
+# The rows a peer cannot do: flax's nnx.LoRA and qwix have no DoRA; qwix is LoRA only (its full fine-tuning
+# would be plain NNX, which nnx-lora's full row already is).
+NOT_DONE = {"nnx-lora": S.DORA_ROWS, "qwix-lora": (*S.DORA_ROWS, "full")}
+ROW_PEERS = {row: tuple(p for p in JAX_PEERS + TORCH_PEERS if row not in NOT_DONE.get(p, ())) for row in S.ROWS}
 # The loss after one step must agree to this relative tolerance (fp32; XLA and torch sum in different orders).
 LOSS_RTOL = 1e-4
 

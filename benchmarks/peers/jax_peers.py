@@ -1,4 +1,4 @@
-"""The JAX peers: jaxpeft (Linen), each a function ``(row, shared, steps) -> figures``."""
+"""The JAX peers: jaxpeft (Linen and NNX), ``flax.nnx.LoRA`` and qwix, each a function ``(row, shared, steps) -> figures``."""
 
 from __future__ import annotations
 
@@ -96,18 +96,11 @@ def _with_shared_a(params: dict, arrays: dict) -> dict:
     return jax.tree_util.tree_map_with_path(replace, params)
 
 
-def nnx_lora(row: str, arrays: dict, steps: int) -> dict:
-    """``flax.nnx.LoRA`` wrapping each target ``nnx.Linear`` of jaxpeft's ``NnxLM`` (its own LoRA, no jaxpeft).
-
-    ``nnx.LoRA`` computes ``base(x) + x @ a @ b`` with no ``alpha / rank`` scale, so ``a`` starts at
-    ``scale * A``: the same forward, and (Adam being invariant to a gradient's scale) the same first step.
-    """
-    import jax
+def _nnx_model(arrays: dict):
+    """jaxpeft's ``NnxLM`` holding the shared weights."""
     import jax.numpy as jnp
-    import optax
     from flax import nnx
 
-    import jaxpeft as jp
     from jaxpeft.models import NnxLM
 
     c = S.config(bool(arrays["quick"]))
@@ -115,21 +108,18 @@ def nnx_lora(row: str, arrays: dict, steps: int) -> dict:
     for path, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Variable):
             var[...] = jnp.asarray(arrays["params/" + "/".join(map(str, path))])
-    targets = S.ROWS[row]
-    if row in S.DORA_ROWS:
-        raise ValueError(f"nnx-lora has no DoRA (row {row!r})")
-    wanted = nnx.Param
-    if targets is not None:
-        scale = S.ALPHA / S.RANK
-        for i in range(c.num_layers):
-            for name in targets:
-                parent = getattr(getattr(model, f"layers_{i}"), S.PARENT[name])
-                base = getattr(parent, name)
-                lora = nnx.LoRA(base.in_features, S.RANK, base.out_features, base_module=base, rngs=nnx.Rngs(0))
-                lora.lora_a[...] = scale * jnp.asarray(arrays[f"lora_a/layers_{i}/{S.PARENT[name]}/{name}"])
-                setattr(parent, name, lora)
-        wanted = nnx.LoRAParam
-    graphdef, trainable, frozen = nnx.split(model, wanted, ...)
+    return c, model
+
+
+def _nnx_train(graphdef, trainable, frozen, arrays: dict, steps: int) -> dict:
+    """AdamW steps on ``trainable`` of ``nnx.merge(graphdef, trainable, frozen)``, jitted as a user would."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    import jaxpeft as jp
+
     tokens = jnp.asarray(arrays["tokens"])
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     opt = _optimizer()
@@ -152,4 +142,85 @@ def nnx_lora(row: str, arrays: dict, steps: int) -> dict:
     return out
 
 
-PEERS = {"jaxpeft-linen": jaxpeft_linen, "nnx-lora": nnx_lora}
+def jaxpeft_nnx(row: str, arrays: dict, steps: int) -> dict:
+    """jaxpeft bound to ``NnxLM``: ``jp.apply`` on the NNX graph, the PEFT leaves split out with ``jp.PeftParam``."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import jaxpeft as jp
+
+    _, model = _nnx_model(arrays)
+    targets = S.ROWS[row]
+    wanted = nnx.Param
+    if targets is not None:
+        regex = "({})/({})$".format("|".join(sorted({S.PARENT[t] for t in targets})), "|".join(targets))
+        method = jp.dora if row in S.DORA_ROWS else jp.lora
+        model = jp.apply(method(S.RANK, S.ALPHA, targets=regex), model, jax.random.key(0))
+        for path, var in nnx.iter_graph(model):  # the shared A init; B starts at zero
+            if isinstance(var, jp.PeftParam) and str(path[-1]).startswith("lora_a"):
+                var[...] = jnp.asarray(arrays["lora_a/" + "/".join(map(str, path[:-1]))])
+        wanted = jp.PeftParam
+    graphdef, trainable, frozen = nnx.split(model, wanted, ...)
+    return _nnx_train(graphdef, trainable, frozen, arrays, steps)
+
+
+def nnx_lora(row: str, arrays: dict, steps: int) -> dict:
+    """``flax.nnx.LoRA`` wrapping each target ``nnx.Linear`` of jaxpeft's ``NnxLM`` (its own LoRA, no jaxpeft).
+
+    ``nnx.LoRA`` computes ``base(x) + x @ a @ b`` with no ``alpha / rank`` scale, so ``a`` starts at
+    ``scale * A``: the same forward, and (Adam being invariant to a gradient's scale) the same first step.
+    """
+    import jax.numpy as jnp
+    from flax import nnx
+
+    c, model = _nnx_model(arrays)
+    targets = S.ROWS[row]
+    if row in S.DORA_ROWS:
+        raise ValueError(f"nnx-lora has no DoRA (row {row!r})")
+    wanted = nnx.Param
+    if targets is not None:
+        scale = S.ALPHA / S.RANK
+        for i in range(c.num_layers):
+            for name in targets:
+                parent = getattr(getattr(model, f"layers_{i}"), S.PARENT[name])
+                base = getattr(parent, name)
+                lora = nnx.LoRA(base.in_features, S.RANK, base.out_features, base_module=base, rngs=nnx.Rngs(0))
+                lora.lora_a[...] = scale * jnp.asarray(arrays[f"lora_a/layers_{i}/{S.PARENT[name]}/{name}"])
+                setattr(parent, name, lora)
+        wanted = nnx.LoRAParam
+    graphdef, trainable, frozen = nnx.split(model, wanted, ...)
+    return _nnx_train(graphdef, trainable, frozen, arrays, steps)
+
+
+def qwix_lora(row: str, arrays: dict, steps: int) -> dict:
+    """``qwix.apply_lora_to_model`` on jaxpeft's ``NnxLM`` (qwix's own LoRA through its op interception).
+
+    qwix scales by ``alpha / rank`` as jaxpeft does, so its ``..._lora_a`` takes the shared A unchanged.
+    """
+    import jax.numpy as jnp
+    import qwix
+    from flax import nnx
+
+    c, model = _nnx_model(arrays)
+    targets = S.ROWS[row]
+    if row in S.DORA_ROWS:
+        raise ValueError(f"qwix-lora has no DoRA (row {row!r})")
+    if targets is None:
+        raise ValueError("qwix-lora is a LoRA peer; full fine-tuning is the other peers' row")
+    regex = ".*({})/({})$".format("|".join(sorted({S.PARENT[t] for t in targets})), "|".join(targets))
+    tokens = jnp.asarray(arrays["tokens"])
+    provider = qwix.LoraProvider(module_path=regex, rank=S.RANK, alpha=float(S.ALPHA))
+    model = qwix.apply_lora_to_model(model, provider, tokens[:, :-1], rngs=nnx.Rngs(0))
+    seen = 0
+    for path, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Variable) and str(path[-1]).endswith("_lora_a"):
+            var[...] = jnp.asarray(arrays["lora_a/" + "/".join(map(str, path[:-1]))]).reshape(var[...].shape)
+            seen += 1
+    if seen != c.num_layers * len(targets):
+        raise RuntimeError(f"qwix made {seen} LoRA layers, expected {c.num_layers * len(targets)}")
+    graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    return _nnx_train(graphdef, trainable, frozen, arrays, steps)
+
+
+PEERS = {"jaxpeft-linen": jaxpeft_linen, "jaxpeft-nnx": jaxpeft_nnx, "nnx-lora": nnx_lora, "qwix-lora": qwix_lora}

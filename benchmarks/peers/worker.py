@@ -10,7 +10,7 @@ import sys
 
 from benchmarks.peers import shared as S
 
-JAX_PEERS = ("jaxpeft-linen", "nnx-lora")
+JAX_PEERS = ("jaxpeft-linen", "jaxpeft-nnx", "nnx-lora", "qwix-lora")
 TORCH_PEERS = ("peft-eager", "peft-compile")
 
 
