@@ -33,9 +33,12 @@ ROW_PEERS = {row: tuple(p for p in JAX_PEERS + TORCH_PEERS if row not in NOT_DON
 LOSS_RTOL = 1e-4
 
 
-def run_peer(peer: str, row: str, path: pathlib.Path, steps: int) -> dict:
-    """One fresh process; its ``PEER_RESULT`` line parsed."""
+def run_peer(peer: str, row: str, path: pathlib.Path, steps: int, cache_dir: str | None = None) -> dict:
+    """One fresh process; its ``PEER_RESULT`` line parsed. ``cache_dir``: JAX's persistent compilation cache."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)  # set by the test suite; figures time optimized programs
+    if cache_dir is not None:
+        env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.peers.worker", peer, row, str(path), str(steps)],
                           capture_output=True, text=True, env=env, cwd=pathlib.Path(__file__).resolve().parent.parent)
     for line in proc.stdout.splitlines():
@@ -44,7 +47,7 @@ def run_peer(peer: str, row: str, path: pathlib.Path, steps: int) -> dict:
     raise RuntimeError(f"peer {peer} on row {row} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
-def measure(rows, peers_of, quick: bool, rounds: int, steps: int) -> list[dict]:
+def measure(rows, peers_of, quick: bool, rounds: int, steps: int, cache_dir: str | None = None) -> list[dict]:
     batch, seq = S.batch_shape(quick)
     with tempfile.TemporaryDirectory() as tmp:
         path = pathlib.Path(tmp) / "shared.npz"
@@ -53,7 +56,11 @@ def measure(rows, peers_of, quick: bool, rounds: int, steps: int) -> list[dict]:
         for _ in range(rounds):  # interleaved: every peer once per round, so load changes hit all alike
             for row in rows:
                 for peer in peers_of[row]:
-                    runs.setdefault((row, peer), []).append(run_peer(peer, row, path, steps))
+                    r = run_peer(peer, row, path, steps, cache_dir)
+                    runs.setdefault((row, peer), []).append(r)
+                    print(f"{row} {peer}: first step {r['step_seconds'][0]:.2f} s, median of the rest "
+                          f"{statistics.median(r['step_seconds'][1:]):.4f} s, loss after one step {r['losses'][1]:.6f}",
+                          file=sys.stderr, flush=True)  # progress, and the raw figures if the run is cut short
     out = []
     for (row, peer), results in runs.items():
         step = statistics.median(t for r in results for t in r["step_seconds"][1:])
@@ -90,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default=",".join(S.ROWS), help=f"comma-separated, from {', '.join(S.ROWS)}")
     p.add_argument("--peers", default=None, help="comma-separated peers (default: all of each row)")
     p.add_argument("--no-torch", action="store_true", help="only the JAX peers")
+    p.add_argument("--compilation-cache", metavar="DIR", default=None,
+                   help="JAX's persistent compilation cache for the JAX peers: repeated runs skip XLA compilation")
     args = p.parse_args(argv)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     for r in rows:
@@ -99,13 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     peers_of = {r: tuple(p for p in ROW_PEERS[r] if (wanted is None or p in wanted)
                          and not (args.no_torch and p in TORCH_PEERS)) for r in rows}
     rounds, steps = (1, 3) if args.quick else (args.rounds, args.steps)
-    results = measure(rows, peers_of, args.quick, rounds, steps)
+    results = measure(rows, peers_of, args.quick, rounds, steps, args.compilation_cache)
     c = S.config(args.quick)
     batch, seq = S.batch_shape(args.quick)
     payload = {"machine": {**machine(), **_versions(), "load_average": os.getloadavg()},
                "command": "python -m benchmarks.bench_peers " + " ".join(argv if argv is not None else sys.argv[1:]),
                "config": {k: str(v) for k, v in vars(c).items()}, "batch": batch, "seq": seq,
-               "rounds": rounds, "steps": steps, "rank": S.RANK, "alpha": S.ALPHA, "rows": results}
+               "rounds": rounds, "steps": steps, "compilation_cache": args.compilation_cache, "rank": S.RANK, "alpha": S.ALPHA, "rows": results}
     text = (f"Reference LM ({c.num_layers} layers, d_model {c.d_model}, d_ff {c.d_ff}, vocab {c.vocab_size}), "
             f"batch {batch} x {seq}, fp32, AdamW, LoRA r={S.RANK}; {rounds} interleaved rounds of {steps} steps, "
             f"each peer in its own process; load average {payload['machine']['load_average']}.\n\n" + table(results))
