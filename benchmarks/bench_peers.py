@@ -89,6 +89,33 @@ def table(rows: list[dict]) -> str:
         f"{r['peak_rss_bytes'] / 2**20:.0f} MiB | {r['step_ratio_vs_jaxpeft']:.2f}x |" for r in rows)
 
 
+def plot(rows: list[dict], path: pathlib.Path) -> None:
+    """Median step time of every peer, grouped by row (the figure the README shows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    works = list(dict.fromkeys(r["row"] for r in rows))
+    peers = list(dict.fromkeys(r["peer"] for r in rows))
+    width = 0.8 / len(peers)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for i, peer in enumerate(peers):
+        xs, ys = [], []
+        for j, work in enumerate(works):
+            hit = [r for r in rows if r["row"] == work and r["peer"] == peer]
+            if hit:
+                xs.append(j + (i - (len(peers) - 1) / 2) * width)
+                ys.append(1e3 * hit[0]["step_seconds"])
+        ax.bar(xs, ys, width, label=peer)
+    ax.set_xticks(range(len(works)), works)
+    ax.set_ylabel("median train step (ms), lower is better")
+    ax.set_title("Same work, each peer in its own process (2 CPU cores)")
+    ax.legend(fontsize=8, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks.bench_peers")
     p.add_argument("--quick", action="store_true", help="tiny LM, one round of 3 steps (checks same work)")
@@ -119,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             f"batch {batch} x {seq}, fp32, AdamW, LoRA r={S.RANK}; {rounds} interleaved rounds of {steps} steps, "
             f"each peer in its own process; load average {payload['machine']['load_average']}.\n\n" + table(results))
     write("peers", payload, text, save=not args.quick)
+    if not args.quick:
+        plot(results, pathlib.Path(__file__).resolve().parent / "results" / "peers.png")
     bad = [f"{r['row']}/{r['peer']}" for r in results if not r["same_work"]]
     if bad:
         print(f"NOT THE SAME WORK as {BASELINE}: {', '.join(bad)}", file=sys.stderr)
