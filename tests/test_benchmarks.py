@@ -8,7 +8,7 @@ import pytest
 @pytest.mark.parametrize(
     "name",
     [
-        "adapters",
+        pytest.param("adapters", marks=pytest.mark.slow),  # ~15 s
         # slow on 2 cores (CI budget); their library paths are covered by tests/test_qlora*.py and
         # tests/test_train_ownership.py, the scripts themselves by `pytest -m slow`
         pytest.param("lora", marks=pytest.mark.slow),  # ~25 s; its train step is test_train.py's

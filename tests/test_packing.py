@@ -93,6 +93,7 @@ def test_packed_logits_and_loss_equal_unpacked(params, kind, jit):
     np.testing.assert_allclose(batch_loss, total_nll / total_count, **TOL)
 
 
+@pytest.mark.slow  # the negative control (CI budget); the packed == unpacked tests stay in CI
 def test_without_segment_ids_packed_examples_see_each_other(params):
     """The negative control: plain causal attention over the packed row changes the later examples."""
     forward = _forward("linen", params)

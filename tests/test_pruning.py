@@ -391,7 +391,7 @@ def test_masked_training_of_a_partition_half(lm):
     assert mask_sparsity(mask) == 0.5
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("jit", [pytest.param(False, marks=pytest.mark.slow), True], ids=["eager", "jit"])  # eager: slow (CI budget)
 def test_nnx_state(jit):
     class MLP(nnx.Module):
         def __init__(self, rngs):
