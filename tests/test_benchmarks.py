@@ -15,6 +15,7 @@ import pytest
         pytest.param("qlora", marks=pytest.mark.slow),  # ~30 s
         pytest.param("train_safety", marks=pytest.mark.slow),  # ~10 s
         pytest.param("methods", marks=pytest.mark.slow),  # ~45 s
+        pytest.param("before_after", marks=pytest.mark.slow),  # ~40 CPU-s: a git worktree, two workers
     ],
 )
 def test_benchmark_quick_run(name, monkeypatch, tmp_path):
