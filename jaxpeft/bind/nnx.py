@@ -130,7 +130,7 @@ class PeftLayer(nnx.Module):
         self.mixed_adapters = None
         self.adapter_ids = nnx.data(None)
         self.deterministic = False
-        self.rngs = None
+        self.rngs = nnx.data(None)  # data, not static: add() may put an Rngs here later
         self.shared = nnx.data({})
         self.add(placement.methods, params, key)
 
@@ -152,7 +152,10 @@ class PeftLayer(nnx.Module):
         for name, value in params.items():
             setattr(self, name, PeftParam(value))
         if self.rngs is None and any(m.dropout > 0.0 for m in self.methods):
-            self.rngs = nnx.Rngs(dropout=key)
+            # A stacked layer (an nnx.vmap stack run by nnx.scan) gets one stream per layer of the stack, so
+            # the scan hands each layer its own key and count, as nnx.split_rngs would.
+            stack = self.site.kernel_shape[: self.site.num_stacked]
+            self.rngs = nnx.Rngs(dropout=jax.random.split(key, stack) if stack else key)
 
     def remove(self, adapter: str) -> None:
         """Take the methods of ``adapter`` (and their leaves) off this layer."""
