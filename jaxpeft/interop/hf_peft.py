@@ -13,7 +13,7 @@ Layouts (torch ``Linear.weight`` is ``[out, in]``, a Flax kernel ``[in, out]``):
 | ``dora_magnitude [out]`` | ``base_model.model.<module>.lora_magnitude_vector [out]`` |
 | ``ia3_scale [out]`` / feedforward ``[in]`` | ``base_model.model.<module>.ia3_l [out, 1]`` / ``[1, in]`` |
 | ``prompt/embeddings [n, d]`` | ``prompt_embeddings [n, d]`` |
-| ``<layer i>/key/prefix``, ``.../value/prefix [n, d]`` | ``prompt_embeddings [n, layers * 2 * d]``, column block ``2 i`` key, ``2 i + 1`` value |
+| ``<layer i>/key/prefix``, ``.../value/prefix [n, d]`` | ``prompt_embeddings [n, layers * 2 * d]``, column block ``2 i`` key, ``2 i + 1`` value; ``d``: the key/value width (GQA: ``num_key_value_heads * head_dim``) |
 
 What PEFT's format cannot express is refused by name (``PeftFormatError``): other methods (Compacter,
 bottleneck adapters, LoKr, P-tuning's encoder, ...), a chain of methods, sites whose kernel is not one
@@ -266,14 +266,36 @@ def _export_ia3(peft: Any, config: Mapping, leaves: Mapping, mapping: PathMappin
 
 
 def _model_dims(model_config: Any, method: str) -> tuple[int, int, int]:
+    """``(token_dim, num_layers, num_attention_heads)`` as PEFT's ``_prepare_prompt_learning_config`` sets them.
+
+    Prompt tuning: ``token_dim`` is the model width. Prefix tuning on a grouped-query model (the config has
+    ``num_key_value_heads``, e.g. Gemma 3): PEFT sizes the cache entries of one layer as the key/value
+    projection's output, ``token_dim = head_dim * num_key_value_heads`` (``head_dim`` from the config, else
+    ``hidden_size // num_attention_heads``) and ``num_attention_heads = num_key_value_heads``.
+    """
+    from jaxpeft.models.gemma import GemmaConfig
+
     if model_config is None:
         raise PeftFormatError(f"export_peft: {method} needs model_config= (hidden_size, num_hidden_layers, "
-                              "num_attention_heads) for PEFT's prompt-learning config")
-    get = (lambda k: model_config[k]) if isinstance(model_config, Mapping) else (lambda k: getattr(model_config, k))
+                              "num_attention_heads; a transformers config, its config.json dict or a GemmaConfig) "
+                              "for PEFT's prompt-learning config")
+    if isinstance(model_config, GemmaConfig):
+        model_config = {"hidden_size": model_config.d_model, "num_hidden_layers": model_config.num_layers,
+                        "num_attention_heads": model_config.num_heads,
+                        "num_key_value_heads": model_config.num_kv_heads, "head_dim": model_config.head_dim}
+    if isinstance(model_config, Mapping):
+        get, has = model_config.__getitem__, model_config.__contains__
+    else:
+        get, has = (lambda k: getattr(model_config, k)), (lambda k: getattr(model_config, k, None) is not None)
     try:
-        return int(get("hidden_size")), int(get("num_hidden_layers")), int(get("num_attention_heads"))
+        d, layers, heads = int(get("hidden_size")), int(get("num_hidden_layers")), int(get("num_attention_heads"))
     except (KeyError, AttributeError) as e:
         raise PeftFormatError(f"export_peft: model_config lacks {e}") from e
+    if method == "prefix tuning" and has("num_key_value_heads"):
+        head_dim = int(get("head_dim")) if has("head_dim") and get("head_dim") is not None else d // heads
+        heads = int(get("num_key_value_heads"))
+        d = head_dim * heads
+    return d, layers, heads
 
 
 def _prompt_learning_config(peft_type: str, n: int, dims: tuple[int, int, int]) -> dict:
@@ -317,7 +339,9 @@ def _export_prefix(config: Mapping, leaves: Mapping, mapping: PathMapping, model
         raise PeftFormatError(f"export_peft: prefixes at {sorted(extra)} are not key/value projections of a layer")
     for block in blocks:
         if block.shape != (config["length"], d):
-            raise PeftFormatError(f"export_peft: a prefix has shape {block.shape}, expected ({config['length']}, {d})")
+            raise PeftFormatError(f"export_peft: a prefix has shape {block.shape}, expected ({config['length']}, {d}): "
+                                  "[P, the key/value projection's output width] (PEFT's token_dim; with "
+                                  "grouped-query attention num_key_value_heads * head_dim)")
     return _prompt_learning_config("PREFIX_TUNING", config["length"], dims) | dict(
         prefix_projection=False, encoder_hidden_size=d), {"prompt_embeddings": np.concatenate(blocks, axis=1)}
 

@@ -272,6 +272,33 @@ def _check_call(config: GemmaConfig, tokens, inputs_embeds, attention_mask, posi
     return batch, seq
 
 
+def _norm_real_keys(key_norm, k: jax.Array, seq: int) -> jax.Array:
+    """``key_norm`` on the ``seq`` real keys of ``k: [b, P + seq, kvh, hd]``; learned prefix keys pass as they are.
+
+    A prefix (prefix tuning) *is* the key the attention sees, as in HF PEFT, where it enters as the cache's
+    keys after the model's k_norm and RoPE: the norm would tie every prefix row to one RMS.
+    """
+    prefix = k.shape[1] - seq
+    if not prefix:
+        return key_norm(k)
+    return jnp.concatenate([k[:, :prefix], key_norm(k[:, prefix:])], axis=1)
+
+
+def _prefix_visible(seq: int, prefix: int, window: int | None, segment_ids: jax.Array | None) -> jax.Array:
+    """Which learned prefix keys each query sees: bool [batch or 1, 1, seq, prefix (+ seq, all False)].
+
+    As HF PEFT runs prefix tuning on Gemma 3 (the prefix is a cache of ``P`` earlier tokens): a global
+    layer's query sees the whole prefix; a sliding-window layer's query at index ``t`` of its example
+    (``t`` counts from the example's first token: its segment's, or the row's) sees prefix key ``j``
+    only while ``t + P - j < window``. With ``P + seq <= window`` every query sees every prefix key.
+    """
+    keys = jnp.arange(prefix + seq)
+    if window is None:
+        return jnp.ones((1, 1, seq, prefix + seq), bool)
+    t = jnp.arange(seq)[None] if segment_ids is None else segment_positions(segment_ids)  # [b or 1, seq]
+    return (t[:, :, None] + prefix - keys[None, None, :] < window)[:, None]
+
+
 def _attend(config, layer, q, k, v, positions, attention_mask, layer_cache, cache_index, segment_ids=None):
     """RoPE, cache update and attention. q: [b, s, h, hd], k, v: [b, s (+ prefix), kvh, hd].
 
@@ -298,9 +325,9 @@ def _attend(config, layer, q, k, v, positions, attention_mask, layer_cache, cach
             # window over its own positions; the same-segment test removes every other example.
             key_segments = jnp.pad(segment_ids, ((0, 0), (prefix, 0)), constant_values=-1)
             mask = mask & (segment_ids[:, :, None] == key_segments[:, None, :])[:, None]
-        # learned prefix keys are visible to every query (outside the causal window)
         if prefix:
-            mask = mask | (key_slots < prefix)[None, None, None, :]
+            mask = jnp.where((key_slots < prefix)[None, None, None, :], _prefix_visible(seq, prefix, window,
+                                                                                      segment_ids), mask)
         new_cache = None
     else:
         if prefix:
@@ -393,7 +420,7 @@ class AttentionLinen(nn.Module):
         c = self.config
         batch, seq, _ = x.shape
         q = self.query_norm(self.query(x).reshape(batch, seq, c.num_heads, c.head_dim))
-        k = self.key_norm(self.key(x).reshape(batch, -1, c.num_kv_heads, c.head_dim))
+        k = _norm_real_keys(self.key_norm, self.key(x).reshape(batch, -1, c.num_kv_heads, c.head_dim), seq)
         v = self.value(x).reshape(batch, -1, c.num_kv_heads, c.head_dim)
         out, new_cache = _attend(c, self.layer, q, k, v, positions, attention_mask, layer_cache, cache_index,
                                  segment_ids)
@@ -511,7 +538,7 @@ class AttentionNnx(nnx.Module):
         c = self.config
         batch, seq, _ = x.shape
         q = self.query_norm(self.query(x).reshape(batch, seq, c.num_heads, c.head_dim))
-        k = self.key_norm(self.key(x).reshape(batch, -1, c.num_kv_heads, c.head_dim))
+        k = _norm_real_keys(self.key_norm, self.key(x).reshape(batch, -1, c.num_kv_heads, c.head_dim), seq)
         v = self.value(x).reshape(batch, -1, c.num_kv_heads, c.head_dim)
         out, new_cache = _attend(c, self.layer, q, k, v, positions, attention_mask, layer_cache, cache_index,
                                  segment_ids)
