@@ -359,6 +359,17 @@ def apply_nnx(peft: Transform, model: nnx.Module, key: jax.Array) -> nnx.Module:
             )
     layers = discover(model)
     placements = plan(peft, layers, WRAPPABLE)
+    for p in placements:
+        shared = [m for m in p.methods if m.shared_names]
+        if shared and p.site.num_stacked:
+            # nnx.scan slices everything reachable from the stack along the layer axis, the shared leaves
+            # too, so one set shared by every layer cannot live there. Linen's nn.scan keeps them outside.
+            raise ValueError(
+                f"{type(shared[0]).__name__} shares leaves across its sites, which an NNX layer stack at "
+                f"{p.site.path!r} (kernel {p.site.kernel_shape}, {p.site.num_stacked} stacked axes) cannot hold: "
+                "nnx.scan would slice them per layer. Use unrolled layers, the Linen binding (nn.scan keeps the "
+                "shared leaves outside the stack), or a method without shared leaves"
+            )
     # Attention modules above prefixed projections: their masks grow, a decode cache is refused.
     attention = {}
     for p in placements:
