@@ -388,26 +388,8 @@ def _warn_unknown(unknown: list[str]) -> None:
         warnings.warn(
             f"jp.peft_specs: {len(unknown)} PEFT leaves have no declared axes (a method's `param_axes`) "
             f"and are replicated on every device: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}",
-            stacklevel=3,
+            stacklevel=4,
         )
-
-
-def _leaf_spec(
-    path: str,
-    leaf: Any,
-    peft: Mapping[str, _PeftLeaf],
-    kernel_entries: Callable[[str], tuple],
-    rank_axis: Any,
-    unknown: list[str],
-) -> P:
-    info = peft[path]
-    axes = param_axes(info.method, info.site)
-    shape = _shape(leaf)
-    if axes is None or info.name not in axes:
-        unknown.append(path)
-        return P()
-    where = f"{path} ({type(info.method).__name__} leaf {info.name!r}, shape {shape})"
-    return _derive(info.site, kernel_entries(info.kernel_path), axes[info.name], shape, rank_axis, where)
 
 
 def _check_table(table: dict[str, P], known: set[str], what: str) -> None:
@@ -417,67 +399,123 @@ def _check_table(table: dict[str, P], known: set[str], what: str) -> None:
         raise ShardingError(f"base_specs names {len(extra)} paths that are not {what}:\n" + _capped(lines))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """A bound model's leaves as one flat table with one path convention, whichever binding holds them.
+
+    Attributes:
+      values: ``{path: array}`` (unboxed: an array, a ``jax.ShapeDtypeStruct``, a ``QuantizedArray``).
+      sources: ``{path: what a base spec is read from}`` (a flax box, an NNX Variable, the array).
+      peft: ``{path: _PeftLeaf}`` of every PEFT leaf placed at a site.
+      shared: ``path -> bool``: a leaf a method shares across its sites (no one kernel to follow).
+      stray: ``path -> bool``: a PEFT leaf outside any placement (replicated, with a warning).
+      needs_spec: ``path -> bool``: a base parameter an explicit ``base_specs`` must cover.
+      aliases: other spellings of paths a ``base_specs`` may use -> the path here.
+      what: what the paths are, for messages.
+    """
+
+    values: dict[str, Any]
+    sources: dict[str, Any]
+    peft: dict[str, _PeftLeaf]
+    shared: Callable[[str], bool]
+    stray: Callable[[str], bool]
+    needs_spec: Callable[[str], bool]
+    aliases: Mapping[str, str]
+    what: str
+
+
+def _layout_specs(layout: _Layout, base_specs: Any, rules: Rules | None, rank_axis: Any) -> dict[str, Any]:
+    """``{path: spec}`` for every leaf of ``layout``: the one derivation both bindings use.
+
+    Base leaves keep their spec (``base_specs``, else read from the leaf's box / Variable); a
+    ``QuantizedArray`` base leaf gets a ``QuantizedArray`` of specs; a PEFT leaf's spec follows
+    its kernel's (``_derive``); shared and stray PEFT leaves are replicated.
+    """
+    values = layout.values
+
+    def own(p: str) -> bool:  # a base leaf: its spec is the user's
+        return p not in layout.peft and not layout.shared(p) and not layout.stray(p)
+
+    if base_specs is None:
+        # Leaves the transform's selector claims but no placement made stay out: warned below.
+        table = {p: _as_spec(layout.sources[p], rules, p) for p in values if own(p)}
+    else:
+        given = _spec_table(base_specs, rules)
+        known = set(values) | set(layout.aliases)
+        _check_table({p: s for p, s in given.items() if p not in layout.peft}, known, layout.what)
+        table = {(p if p in values else layout.aliases[p]): s for p, s in given.items()}
+        missing = [f"{p}: shape {_shape(x)}" for p, x in values.items()
+                   if own(p) and p not in table and layout.needs_spec(p)]
+        if missing:
+            raise ShardingError(
+                f"base_specs has no spec for {len(missing)} base parameters (give one per leaf; None or P() "
+                "replicates):\n" + _capped(missing)
+            )
+
+    def kernel_entries(kernel_path: str) -> tuple:
+        shape = _shape(values[kernel_path])
+        return _padded(table.get(kernel_path, P()), len(shape), kernel_path, shape)
+
+    unknown: list[str] = []
+    out: dict[str, Any] = {}
+    for p, x in values.items():
+        if p in layout.peft:
+            info = layout.peft[p]
+            axes = param_axes(info.method, info.site)
+            if axes is None or info.name not in axes:
+                unknown.append(p)
+                out[p] = P()
+                continue
+            shape = _shape(x)
+            where = f"{p} ({type(info.method).__name__} leaf {info.name!r}, shape {shape})"
+            out[p] = _derive(info.site, kernel_entries(info.kernel_path), axes[info.name], shape, rank_axis, where)
+        elif layout.shared(p):
+            out[p] = P()
+        elif layout.stray(p):
+            unknown.append(p)
+            out[p] = P()
+        elif not hasattr(x, "shape"):  # an NNX Variable holding no array (a count, a flag)
+            out[p] = P()
+        else:
+            spec = table.get(p, P())
+            entries = _padded(spec, len(x.shape), p, tuple(x.shape))
+            out[p] = _quantized_specs(x, entries) if isinstance(x, QuantizedArray) else spec
+    _warn_unknown(unknown)
+    return out
+
+
+def _site_leaves(prefix: str, site: Any, methods: Sequence[Any], kernel_path: str) -> dict[str, _PeftLeaf]:
+    """The PEFT leaves of the methods at one site, keyed by path."""
+    return {f"{prefix}/{name}": _PeftLeaf(site, method, name, kernel_path)
+            for method in methods for name in method.param_names}
+
+
 def _linen_specs(peft_model: Any, params: Any, base_specs: Any, rules: Rules | None, rank_axis: Any) -> Any:
+    """Linen: ``params`` is the flat table already; specs come back in its structure (boxes unboxed)."""
     peft: dict[str, _PeftLeaf] = {}
     for placement in peft_model.placements:
         site = placement.site
-        for method in placement.methods:
-            for name in method.param_names:
-                peft[f"{site.path}/{name}"] = _PeftLeaf(site, method, name, f"{site.path}/kernel")
+        peft.update(_site_leaves(site.path, site, placement.methods, f"{site.path}/{site.kernel_name}"))
 
     def is_leaf(x):
         return isinstance(x, QuantizedArray) or _is_box(x)
 
-    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_leaf)
-    leaves = {_tree.path_to_str(k): x for k, x in flat}
-    if base_specs is None:
-        # Leaves the transform's selector claims but no placement made stay out: warned below.
-        table = {
-            p: _as_spec(x, rules, p)
-            for p, x in leaves.items()
-            if p not in peft and not _is_shared(p) and not _tree.matches(peft_model.trainable, p, x)
-        }
-    else:
-        table = _spec_table(base_specs, rules)
-        _check_table({p: s for p, s in table.items() if p not in peft}, set(leaves), "parameters of params")
-
-    missing = []
-    for p, x in leaves.items():
-        if p in peft or p in table or _is_shared(p):
-            continue
-        if _tree.matches(peft_model.trainable, p, x):
-            continue  # a PEFT leaf outside any placement: replicated with a warning below
-        missing.append(f"{p}: shape {_shape(_unbox(x))}")
-    if missing:
-        raise ShardingError(
-            f"base_specs has no spec for {len(missing)} base parameters (give one per leaf; None or P() "
-            "replicates):\n" + _capped(missing)
-        )
-
-    def kernel_entries(kernel_path: str) -> tuple:
-        kernel = _unbox(leaves[kernel_path])
-        return _padded(table.get(kernel_path, P()), len(kernel.shape), kernel_path, tuple(kernel.shape))
-
-    unknown: list[str] = []
-
-    def spec_of(keypath, x):
-        p = _tree.path_to_str(keypath)
-        x = _unbox(x)
-        if p in peft:
-            return _leaf_spec(p, x, peft, kernel_entries, rank_axis, unknown)
-        if _is_shared(p):  # shared by many sites (Compacter's slow weights): no one kernel to follow
-            return P()
-        if p not in table:
-            unknown.append(p)
-            return P()
-        entries = _padded(table[p], len(_shape(x)), p, _shape(x))
-        if isinstance(x, QuantizedArray):
-            return _quantized_specs(x, entries)
-        return table[p]  # as the user wrote it (P() and P(None) are different objects to jax.tree)
-
-    out = jax.tree_util.tree_map_with_path(spec_of, params, is_leaf=is_leaf)
-    _warn_unknown(unknown)
-    return out
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_leaf)
+    paths = [_tree.path_to_str(k) for k, _ in flat]
+    sources = dict(zip(paths, (x for _, x in flat)))
+    values = {p: _unbox(x) for p, x in sources.items()}
+    layout = _Layout(
+        values=values,
+        sources=sources,
+        peft=peft,
+        shared=_is_shared,
+        stray=lambda p: p not in peft and not _is_shared(p) and _tree.matches(peft_model.trainable, p, values[p]),
+        needs_spec=lambda p: True,
+        aliases={},
+        what="parameters of params",
+    )
+    specs = _layout_specs(layout, base_specs, rules, rank_axis)
+    return jax.tree_util.tree_unflatten(treedef, [specs[p] for p in paths])
 
 
 def _shape(x: Any) -> tuple[int, ...]:
@@ -499,11 +537,10 @@ def _without_base_layer(path: str) -> str:
 
 
 def _nnx_specs(model: Any, base_specs: Any, rules: Rules | None, rank_axis: Any) -> Any:
+    """NNX: ``nnx.state(model)`` flattened to the table (``base_layer`` paths); specs as an ``nnx.State``."""
     from flax import nnx
 
-    from jaxpeft.bind.nnx import peft_layers
-
-    from jaxpeft.bind.nnx import PeftShared
+    from jaxpeft.bind.nnx import PeftParam, PeftShared, peft_layers
 
     # Leaves a method shares across sites live in PeftShared modules, which NNX lists under the
     # first path that reaches them (".../shared/compacter@default/phm_rule"): replicated.
@@ -515,76 +552,31 @@ def _nnx_specs(model: Any, base_specs: Any, rules: Rules | None, rank_axis: Any)
     peft: dict[str, _PeftLeaf] = {}
     for graph_path, layer in peft_layers(model):
         prefix = "/".join(str(p) for p in graph_path)
-        for method in layer.methods:
-            for name in method.param_names:
-                peft[f"{prefix}/{name}"] = _PeftLeaf(layer.site, method, name, f"{prefix}/base_layer/kernel")
+        site = layer.site
+        peft.update(_site_leaves(prefix, site, layer.methods, f"{prefix}/base_layer/{site.kernel_name}"))
 
     state = nnx.state(model)
     is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
     flat, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_var)
     variables = {_tree.path_to_str(k): v for k, v in flat}
 
-    table: dict[str, P] = {}
-    if base_specs is not None:
-        given = _spec_table(base_specs, rules)
-        by_plain = {_without_base_layer(p): p for p in variables}
-        known = set(variables) | set(by_plain)
-        _check_table({p: s for p, s in given.items() if p not in peft}, known, "variables of the model")
-        for p, s in given.items():
-            table[p if p in variables else by_plain[p]] = s
-        missing = [
-            f"{p}: shape {_shape(v.get_value())}"
-            for p, v in variables.items()
-            if p not in table
-            and p not in peft
-            and not _is_shared(p)
-            and not p.startswith(shared_prefixes)
-            and isinstance(v, nnx.Param)
-            and not isinstance(v, _peft_param())
-        ]
-        if missing:
-            raise ShardingError(
-                f"base_specs has no spec for {len(missing)} base parameters (give one per leaf; None or P() "
-                "replicates):\n" + _capped(missing)
-            )
+    def shared(p: str) -> bool:
+        return _is_shared(p) or p.startswith(shared_prefixes)
 
-    def base_spec(p: str, var: Any) -> P:
-        return table[p] if p in table else _as_spec(var, rules, p) if base_specs is None else P()
-
-    def kernel_entries(kernel_path: str) -> tuple:
-        var = variables[kernel_path]
-        shape = tuple(var.get_value().shape)
-        return _padded(base_spec(kernel_path, var), len(shape), kernel_path, shape)
-
-    unknown: list[str] = []
-
-    def spec_of(keypath, var):
-        p = _tree.path_to_str(keypath)
-        value = var.get_value()
-        if p in peft:
-            return var.replace(_leaf_spec(p, value, peft, kernel_entries, rank_axis, unknown))
-        if _is_shared(p) or p.startswith(shared_prefixes):
-            return var.replace(P())
-        if isinstance(var, _peft_param()):
-            unknown.append(p)
-            return var.replace(P())
-        if not hasattr(value, "shape"):
-            return var.replace(P())
-        spec = base_spec(p, var)
-        entries = _padded(spec, len(value.shape), p, tuple(value.shape))
-        if isinstance(value, QuantizedArray):
-            return var.replace(_quantized_specs(value, entries))
-        return var.replace(spec)
-
-    out = jax.tree_util.tree_map_with_path(spec_of, state, is_leaf=is_var)
-    _warn_unknown(unknown)
-    return out
-
-
-def _peft_param() -> type:
-    from jaxpeft.bind.nnx import PeftParam
-
-    return PeftParam
+    layout = _Layout(
+        values={p: v.get_value() for p, v in variables.items()},
+        sources=variables,
+        peft=peft,
+        shared=shared,
+        stray=lambda p: p not in peft and not shared(p) and isinstance(variables[p], PeftParam),
+        needs_spec=lambda p: isinstance(variables[p], nnx.Param),
+        aliases={_without_base_layer(p): p for p in variables},
+        what="variables of the model",
+    )
+    specs = _layout_specs(layout, base_specs, rules, rank_axis)
+    return jax.tree_util.tree_map_with_path(
+        lambda keypath, var: var.replace(specs[_tree.path_to_str(keypath)]), state, is_leaf=is_var
+    )
 
 
 # --------------------------------------------------------------------------------------------

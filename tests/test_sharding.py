@@ -279,6 +279,36 @@ def test_quantized_kernel_shards_like_its_float_original():
         check_specs(wide, MESH, params)
 
 
+class Lookup(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        return nn.Embed(16, 8, name="embed")(ids)
+
+
+class NnxLookup(nnx.Module):
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(16, 8, embedding_metadata={"out_sharding": ("model", "data")}, rngs=rngs)
+
+    def __call__(self, ids):
+        return self.embed(ids)
+
+
+def test_embed_table_specs_follow_the_table_in_linen_and_nnx():
+    # An Embed's base leaf is its table ``embedding: [vocab, features]`` (not ``kernel``): LoRA's
+    # A: [vocab, r] takes the vocabulary entry, B: [r, features] the features entry (HF PEFT's layout).
+    # Both bindings failed here before (they looked for ``embed/kernel``).
+    ids = jnp.array([[1, 2, 3]])
+    peft_model, params = jp.apply(jp.lora(rank=2, targets="embed"), Lookup(), jax.random.key(0), ids)
+    specs = peft_specs(peft_model, params, {"embed": {"embedding": P("model", "data")}})["embed"]
+    assert specs == {"embedding": P("model", "data"), "lora_a": P("model", None), "lora_b": P(None, "data")}
+    with nnx.use_eager_sharding(False):  # metadata only: no mesh is needed to read it
+        base = NnxLookup(nnx.Rngs(0))
+    model = jp.apply(jp.lora(rank=2, targets="embed"), base, jax.random.key(0))
+    nnx_specs = peft_specs(model)["embed"]
+    assert nnx_specs["base_layer"]["embedding"].get_value() == P("model", "data")
+    assert nnx_specs["lora_a"].get_value() == P("model", None) and nnx_specs["lora_b"].get_value() == P(None, "data")
+
+
 # A method that declares its own leaves' axes: an (IA)^3-style output scale (Liu et al. 2022,
 # https://arxiv.org/abs/2205.05638), ``y = (x W) * l`` with ``l: [*out_shape]``.
 @dataclasses.dataclass(frozen=True)
