@@ -24,6 +24,7 @@ from jaxpeft.interop import export_peft, import_peft
 from jaxpeft.methods.prefix import PrefixTuning
 from jaxpeft.models.gemma import GemmaConfig, GemmaLinen
 from jaxpeft.models.pretrained import save_pretrained
+from tests._peft_made import saved_peft_model
 
 pytestmark = pytest.mark.interop
 
@@ -63,7 +64,7 @@ def _torch_logits(model):
         return model(input_ids=torch.tensor(TOKENS)).logits.numpy()
 
 
-def _jax_logits(peft, base, adapter=None, randomise=False):
+def _jax_logits(peft, base, adapter=None, randomise=False, positions=None):
     tokens = jnp.asarray(TOKENS, jnp.int32)
     peft_model, params = jp.apply(peft, GemmaLinen(CONFIG), jax.random.key(2), tokens, params=base)
     if adapter is not None:
@@ -72,7 +73,7 @@ def _jax_logits(peft, base, adapter=None, randomise=False):
     if randomise:
         trainable = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(7), x.shape, x.dtype),
                                  trainable)
-    return np.asarray(peft_model.apply(jp.combine(trainable, frozen), tokens)), trainable
+    return np.asarray(peft_model.apply(jp.combine(trainable, frozen), tokens, positions=positions)), trainable
 
 
 def test_base_logits_equal(shared):
@@ -112,18 +113,8 @@ def _peft_configs():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_peft_gemma_adapter_imports_into_jaxpeft(shared, tmp_path, name):
-    import peft
-    import torch
-
     base, directory = shared
-    torch.manual_seed(0)
-    model = peft.get_peft_model(_torch_base(directory), _peft_configs()[name])
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:  # make every adapter leaf non-trivial
-                p.add_(0.3 * torch.randn_like(p))
-    model.save_pretrained(str(tmp_path))
-    model.eval()
+    model = saved_peft_model(_torch_base(directory), _peft_configs()[name], tmp_path)
     want = _torch_logits(model)
     imported, adapter = import_peft(tmp_path, mapping="gemma3", params=base)
     got, _ = _jax_logits(imported, base, adapter)
@@ -148,18 +139,10 @@ def _hf_config(directory):
 
 
 def _jax_prompt_logits(peft, base, adapter=None, randomise=False):
-    tokens = jnp.asarray(TOKENS, jnp.int32)
-    peft_model, params = jp.apply(peft, GemmaLinen(CONFIG), jax.random.key(2), tokens, params=base)
-    if adapter is not None:
-        params = jp.insert(params, adapter)
-    trainable, frozen = jp.partition(params, peft_model.trainable)
-    if randomise:
-        trainable = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(7), x.shape, x.dtype),
-                                 trainable)
     positions = None
-    if isinstance(peft, PrefixTuning):
-        positions = jnp.broadcast_to(jnp.arange(N_VIRTUAL, N_VIRTUAL + tokens.shape[1]), tokens.shape)
-    return np.asarray(peft_model.apply(jp.combine(trainable, frozen), tokens, positions=positions)), trainable
+    if isinstance(peft, PrefixTuning):  # PEFT's numbering after a cache of N_VIRTUAL prefix entries
+        positions = jnp.broadcast_to(jnp.arange(N_VIRTUAL, N_VIRTUAL + TOKENS.shape[1]), TOKENS.shape)
+    return _jax_logits(peft, base, adapter, randomise, positions=positions)
 
 
 def _peft_prompt_logits(model, n_virtual):
@@ -187,19 +170,11 @@ def test_jaxpeft_gemma_prompt_learning_loads_in_peft(shared, tmp_path, name):
 @pytest.mark.parametrize("name", sorted(PROMPT_METHODS))
 def test_peft_gemma_prompt_learning_imports_into_jaxpeft(shared, tmp_path, name):
     import peft
-    import torch
 
     base, directory = shared
-    torch.manual_seed(0)
     config = {"prefix_tuning": peft.PrefixTuningConfig, "prompt_tuning": peft.PromptTuningConfig}[name](
         num_virtual_tokens=N_VIRTUAL, task_type="CAUSAL_LM")
-    model = peft.get_peft_model(_torch_base(directory), config)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn_like(p))
-    model.save_pretrained(str(tmp_path))
-    model.eval()
+    model = saved_peft_model(_torch_base(directory), config, tmp_path)
     want = _peft_prompt_logits(model, N_VIRTUAL if name == "prompt_tuning" else 0)
     imported, adapter = import_peft(tmp_path, mapping="gemma3", params=base)
     assert type(imported) is type(PROMPT_METHODS[name]())

@@ -17,6 +17,7 @@ import pytest
 import jaxpeft as jp
 from jaxpeft.interop import export_peft, import_peft
 from jaxpeft.models import BertConfig, BertLinen, save_pretrained
+from tests._peft_made import saved_peft_model
 
 pytestmark = pytest.mark.interop
 
@@ -102,18 +103,8 @@ def _peft_configs():
 
 @pytest.mark.parametrize("name", ["lora_rslora_patterns", "dora", "ia3", "prompt_tuning"])
 def test_peft_adapter_imports_into_jaxpeft(shared, tmp_path, name):
-    import peft
-    import torch
-
     base, directory = shared
-    torch.manual_seed(0)
-    model = peft.get_peft_model(_torch_base(directory), _peft_configs()[name])
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if p.requires_grad:  # make every adapter leaf non-trivial
-                p.add_(0.3 * torch.randn_like(p))
-    model.save_pretrained(str(tmp_path))
-    model.eval()
+    model = saved_peft_model(_torch_base(directory), _peft_configs()[name], tmp_path)
     want = _torch_out(model, 3 if name == "prompt_tuning" else 0)
     imported, adapter = import_peft(tmp_path, params=base)
     got, _ = _jax_out(imported, base, adapter)
@@ -159,18 +150,10 @@ def test_jaxpeft_prefix_tuning_loads_in_peft(shared, tmp_path):
 
 def test_peft_prefix_tuning_imports_into_jaxpeft(shared, tmp_path):
     import peft
-    import torch
 
     base, directory = shared
-    torch.manual_seed(0)
-    model = peft.get_peft_model(_torch_base(directory), peft.PrefixTuningConfig(
-        num_virtual_tokens=N_PREFIX, task_type="FEATURE_EXTRACTION"))
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn_like(p))
-    model.save_pretrained(str(tmp_path))
-    model.eval()
+    model = saved_peft_model(_torch_base(directory), peft.PrefixTuningConfig(
+        num_virtual_tokens=N_PREFIX, task_type="FEATURE_EXTRACTION"), tmp_path)
     want = _torch_out(model)
     imported, adapter = import_peft(tmp_path, params=base)
     got, _ = _jax_prefix_out(imported, base, adapter)
