@@ -192,7 +192,7 @@ def test_adapter_selection_and_deletion(base):
     bare = jp.delete_adapter(both, "fr")
     assert type(bare).__name__ == "NnxLM" and jp.adapter_names(bare) == ("de",)  # the model's own class again
     np.testing.assert_allclose(bare(X), plain, rtol=1e-5, atol=1e-5)  # LoRA's B = 0
-    with pytest.raises(TypeError, match="mixed-adapter batches support LoRA adapters only"):
+    with pytest.raises(TypeError, match="mixed-adapter batches take site methods only"):
         peft_model.apply(params, X, adapters=["fr"], adapter_ids=jnp.zeros(2, jnp.int32))
 
 

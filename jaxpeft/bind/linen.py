@@ -206,7 +206,7 @@ class PeftLinen:
         prompts = [m for m in self.model_methods if is_active(m)]
         if adapter_ids is not None and prompts:
             names = [adapter_of(m) for m in prompts]
-            raise TypeError(f"mixed-adapter batches support LoRA adapters only; soft prompts {names} are among the chosen")
+            raise TypeError(f"mixed-adapter batches take site methods only (they act per layer); soft prompts {names} are among the chosen")
         # Attention modules (parents of prefixed projections) -> {projection: rows it prepends}.
         prefixed: dict[str, dict[str, int]] = {}
         for p in self.placements:
@@ -249,7 +249,8 @@ class PeftLinen:
 
             site = placement.site.unstacked()  # inside nn.scan / nn.vmap the layer sees one slice
             if adapter_ids is not None:
-                return mixed_call(methods, params_of, site, x, fn, names, adapter_ids)
+                shared_of = lambda m: params[SHARED][m.shared_key] if m.shared_names else None  # noqa: E731
+                return mixed_call(methods, params_of, site, x, fn, names, adapter_ids, base=base, shared_of=shared_of)
             for m in methods:
                 wants_rng = m.dropout > 0.0 and module.has_rng("dropout")
                 rng = module.make_rng("dropout") if wants_rng else None

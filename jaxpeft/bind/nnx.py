@@ -183,7 +183,9 @@ class PeftLayer(nnx.Module):
         params_of = lambda m: {name: getattr(self, name).get_value() for name in m.param_names}  # noqa: E731
         site = self.site.unstacked()  # inside nnx.scan over an nnx.vmap stack the layer sees one slice
         if self.mixed_adapters is not None:
-            return mixed_call(self.methods, params_of, site, x, fn, self.mixed_adapters, self.adapter_ids)
+            shared_of = lambda m: self.shared[m.shared_key].values() if m.shared_names else None  # noqa: E731
+            return mixed_call(self.methods, params_of, site, x, fn, self.mixed_adapters, self.adapter_ids,
+                              base=_base_params(self.base_layer), shared_of=shared_of)
         for m in outermost_last(self.methods):
             if not self.is_active(m):
                 continue
@@ -240,7 +242,7 @@ class _PromptModel:
             return call(*args, **kwargs)
         if self.peft_mixed_adapters is not None:
             names = [adapter_of(m) for m in methods]
-            raise TypeError(f"mixed-adapter batches support LoRA adapters only; soft prompts {names} are among the chosen")
+            raise TypeError(f"mixed-adapter batches take site methods only (they act per layer); soft prompts {names} are among the chosen")
         groups = [(m, getattr(self, m.group).values()) for m in methods]
         call_fn = _base_class(self).__call__
         return model_level.call_with_prompts(groups, call, call_fn, self, args, kwargs, self.embed_tokens)

@@ -6,12 +6,16 @@ Shared by the Linen and NNX bindings. A method's adapter name is its ``adapter``
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from jaxpeft.methods.common import broadcast_along
 from jaxpeft.methods.lora import LoRA, lora_delta_mixed
 from jaxpeft.methods.site import Site
 from jaxpeft.transform import Transform
@@ -44,19 +48,101 @@ def mixed_call(
     base_fn: Callable[[jax.Array], jax.Array],
     names: Sequence[str],
     adapter_ids: jax.Array,
+    *,
+    base: Mapping[str, Any] | None = None,
+    shared_of: Callable[[Transform], Mapping[str, jax.Array] | None] = lambda m: None,
 ) -> jax.Array:
-    """The layer's output when example ``i`` uses adapter ``names[adapter_ids[i]]``."""
+    """The layer's output when example ``i`` uses adapter ``names[adapter_ids[i]]``.
+
+    The base layer runs once on the whole batch. LoRA adapters with trailing input and output axes take a
+    gathered low-rank update (``lora_delta_mixed``); every other site method runs per example under
+    ``jax.vmap`` on that example's adapter leaves (gathered by ``adapter_ids`` when every adapter at this site
+    has the same method and leaf shapes, otherwise each adapter's chain runs on the batch and the rows are
+    selected). Where a method calls the base layer on another input than the layer's own (IA3 on a
+    feed-forward input), that call is the site's einsum of the stored kernel plus its bias.
+
+    Args:
+      methods: this site's methods; ``params_of`` / ``shared_of`` read their leaves.
+      x: the layer input ``[batch, ...]``; ``adapter_ids``: int ``[batch]`` indexing ``names``.
+      base: the base layer's own leaves (``kernel``, ``bias``).
+    """
     chosen = [m for m in methods if adapter_of(m) in names]
-    not_lora = [type(m).__name__ for m in chosen if not isinstance(m, LoRA)]
-    if not_lora:
-        raise TypeError(f"mixed-adapter batches support LoRA adapters only; {site.path!r} has {not_lora}")
     y = base_fn(x)
-    by_name = {m.adapter: m for m in chosen}
-    if not by_name:
+    if not chosen:
         return y
-    factors = [tuple(params_of(by_name[n])[k] for k in by_name[n].param_names) if n in by_name else None for n in names]
-    scales = [by_name[n].scale_at(site.path) if n in by_name else 0.0 for n in names]
-    return y + lora_delta_mixed(factors, scales, adapter_ids, site, x).astype(y.dtype)
+    if adapter_ids.shape != (x.shape[0],):
+        raise ValueError(f"adapter_ids must be [batch] = [{x.shape[0]}] at {site.path!r}; got shape {adapter_ids.shape}")
+    if all(type(m) is LoRA for m in chosen) and _lora_gatherable(site):
+        by_name = {m.adapter: m for m in chosen}
+        factors = [tuple(params_of(by_name[n])[k] for k in by_name[n].param_names) if n in by_name else None
+                   for n in names]
+        scales = [by_name[n].scale_at(site.path) if n in by_name else 0.0 for n in names]
+        return y + lora_delta_mixed(factors, scales, adapter_ids, site, x).astype(y.dtype)
+    return _mixed_any(chosen, params_of, shared_of, site, x, y, names, adapter_ids, base or {})
+
+
+def _lora_gatherable(site: Site) -> bool:
+    lhs, _, out = site.parts
+    rest = "".join(c for c in lhs if c not in site.in_labels)
+    return site.kind == "linear" and site.canonical and lhs.endswith(site.in_labels) and out == rest + site.out_labels
+
+
+def _pure_base(site: Site, base: Mapping[str, Any], z: jax.Array) -> jax.Array:
+    """The base layer from its stored leaves: the site's einsum (or conv) of the kernel, plus the bias."""
+    from jaxpeft.bind.quantized import dequantized_kernel, is_quantized
+
+    kernel = base[site.kernel_name]
+    if is_quantized(kernel):
+        kernel = dequantized_kernel(kernel, None)
+    y = site.apply_kernel(z, kernel.astype(jnp.result_type(z.dtype, kernel.dtype)))
+    bias = base.get("bias")
+    if bias is not None:
+        y = y + broadcast_along(bias, site.bias_labels(bias.ndim), site.output_layout, y.ndim).astype(y.dtype)
+    return y
+
+
+def _chain(methods, leaves, site, x, y, base):
+    """``methods`` applied in order on one input; the base call on ``x`` itself is ``y`` (computed once).
+
+    ``leaves``: per method, ``(its leaves in param_names order, its shared leaves or None)``.
+    """
+    pure = functools.partial(_pure_base, site, base)
+    fn = lambda z: y if z is x else pure(z)  # noqa: E731
+    for m, (values, shared) in zip(methods, leaves):
+        params = dict(zip(m.param_names, values))
+        fn = functools.partial(m.apply_site, params, site, base_fn=fn, rng=None, base=base, shared=shared)
+    return fn(x)
+
+
+def _mixed_any(chosen, params_of, shared_of, site, x, y, names, adapter_ids, base):
+    groups = [[m for m in chosen if adapter_of(m) == n] for n in names]  # per adapter, in chain order
+    leaves = [[(tuple(params_of(m)[p] for p in m.param_names), shared_of(m)) for m in g] for g in groups]
+    present = [k for k, g in enumerate(groups) if g]
+    first = present[0]
+
+    def signature(k):  # the same methods and configs but for the adapter name, the same leaf shapes
+        return ([dataclasses.replace(m, adapter="default") for m in groups[k]],
+                [jax.tree.map(lambda v: (v.shape, v.dtype), values) for values, _ in leaves[k]])
+
+    gatherable = (len(present) == len(names) and not any(m.shared_names for m in chosen)
+                  and all(signature(k) == signature(first) for k in present))
+    # Each example keeps a batch axis of 1, so a site equation with an explicit batch label still applies.
+    xs, ys = x[:, None], y[:, None]
+    if gatherable:
+        # One chain per example on that example's adapter's leaves, gathered by adapter_ids.
+        values = [tuple(v for v, _ in leaves[k]) for k in range(len(names))]
+        stacked = jax.tree.map(lambda *v: jnp.stack(v)[adapter_ids], *values)
+        template = groups[first]
+        out = jax.vmap(lambda vs, xi, yi: _chain(template, [(v, None) for v in vs], site, xi, yi, base))(
+            stacked, xs, ys)
+        return out[:, 0].astype(y.dtype)
+    # Adapters of different methods or shapes: each adapter's chain on every example, then select the rows.
+    out = y
+    for k in present:
+        yk = jax.vmap(lambda xi, yi, k=k: _chain(groups[k], leaves[k], site, xi, yi, base))(xs, ys)[:, 0]
+        rows = (adapter_ids == k).reshape((-1,) + (1,) * (y.ndim - 1))
+        out = jnp.where(rows, yk.astype(y.dtype), out)
+    return out
 
 
 def check_mixed(names: Any, adapter_ids: Any, known: Sequence[str]) -> tuple[str, ...]:
