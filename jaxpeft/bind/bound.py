@@ -106,6 +106,22 @@ def stacked_site(site: Site, stored_shape: Sequence[int]) -> Site:
     return site.stacked(stored[:extra]) if extra else site
 
 
+def refuse_quantized_stack(path: str, layer_type: str, kernel: Any, num_stacked: int) -> None:
+    """Refuse a quantized kernel of a stacked layer (``num_stacked`` leading layer axes), naming the path.
+
+    A ``QuantizedArray`` packs and scales along axis 0, which in a stacked kernel is the stack's
+    layer axis, and its static shape does not follow ``nn.scan`` / ``nnx.scan`` slicing its
+    children: the forward would multiply by the wrong axes.
+    """
+    if num_stacked and isinstance(kernel, QuantizedArray):
+        raise ValueError(
+            f"{path!r} ({layer_type}) is a stacked layer (stack axes {tuple(kernel.shape[:num_stacked])} of its "
+            f"kernel {tuple(kernel.shape)}) with a quantized kernel: 4-bit stacked kernels are not supported yet "
+            "(QuantizedArray packs along axis 0, the stack's layer axis here, which nn.scan / nnx.scan slice). "
+            "Keep the stacked kernels in float (jp.quantize(..., targets=...)), or quantize an unrolled model"
+        )
+
+
 def base_of(node: Mapping) -> dict:
     """A layer's own leaves (``kernel``, ``bias``) out of its node."""
     return {k: node[k] for k in BASE_LEAVES if k in node}

@@ -91,6 +91,12 @@ def _discover(
             own = module.variables.get("params", {})
             names = tuple(k for k, v in own.items() if not isinstance(v, Mapping))
             site, why = _site(module, call_args[0]) if call_args else (None, "called without an input")
+            kernel = own.get("kernel")
+            if is_quantized(kernel):
+                # Inside nn.scan / nn.vmap a QuantizedArray's children are sliced but its static shape
+                # is still the whole stack's: refuse it before a quantized matmul fails on the axes.
+                stacked = kernel.ndim - kernel.packed.ndim
+                bound_ops.refuse_quantized_stack(path, type(module).__name__, kernel, stacked)
             found[path] = Layer(path, module, bool(names), names, site, why)
         if context.method_name != "__call__":
             return next_fun(*call_args, **call_kwargs)

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxpeft.bind import bound as bound_ops
@@ -56,11 +57,14 @@ def _site(path: str, module: nnx.Module) -> tuple[Site | None, str | None]:
     site, why = nnx_site(path, module)
     if site is None:
         return None, why
+    kernel = getattr(module, site.kernel_name).get_value()
     try:
         # A layer of an nnx.vmap stack stores [L, *kernel]; each call inside nnx.scan sees one slice.
-        return bound_ops.stacked_site(site, getattr(module, site.kernel_name).get_value().shape), None
+        site = bound_ops.stacked_site(site, kernel.shape)
     except ValueError as e:
         return None, str(e)
+    bound_ops.refuse_quantized_stack(path, site.layer_type, kernel, site.num_stacked)
+    return site, None
 
 
 def _layer_kernel_shape(module: nnx.Module) -> tuple[int, ...]:
@@ -465,6 +469,7 @@ def quantize_nnx(model: nnx.Module, **kwargs: Any) -> nnx.Module:
                         f"jp.quantize would quantize {where!r} ({type(node).__name__}.{name}), which no NNX forward "
                         f"can dequantize: only the kernel of a {WRAPPABLE} layer runs quantized. Narrow `targets`"
                     )
+                _site(_path_str(path), node)  # a stacked (nnx.vmap) layer's kernel is refused, naming it
     return nnx.merge(graphdef, quantize(state, **kwargs))
 
 
@@ -476,10 +481,24 @@ def peft_layers(model: nnx.Module) -> Iterator[tuple[tuple, PeftLayer]]:
             yield tuple(path), node
 
 
+def _layer_values(layer: PeftLayer, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` as one layer holds them: a stacked layer's ``adapter_ids`` get the stack's axes.
+
+    ``nnx.scan`` over an ``nnx.vmap`` stack slices every array the layer holds along the stack axes,
+    the ids too: ``[batch]`` ids would be cut into per-layer pieces (or refused when ``batch != L``).
+    Broadcast to ``[*stack, batch]``, each layer of the stack sees the whole batch's ids.
+    """
+    ids = values.get("adapter_ids")
+    if ids is None or not layer.site.num_stacked:
+        return values
+    stack = tuple(layer.site.kernel_shape[: layer.site.num_stacked])
+    return {**values, "adapter_ids": jnp.broadcast_to(ids, (*stack, *ids.shape))}
+
+
 @contextlib.contextmanager
 def _setting(model: nnx.Module, **values: Any) -> Iterator[nnx.Module]:
     # PeftLayers take every value; a soft-prompt model its adapter selection (peft_-prefixed).
-    targets = [(layer, values) for _, layer in peft_layers(model)]
+    targets = [(layer, _layer_values(layer, values)) for _, layer in peft_layers(model)]
     root_values = {f"peft_{k}": v for k, v in values.items() if k in ("active_adapters", "mixed_adapters")}
     targets += [(root, root_values) for root in _prompt_models(model)]
     before = [{k: getattr(node, k) for k in vals} for node, vals in targets]
