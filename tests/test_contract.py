@@ -10,10 +10,13 @@ one-layer reference LM:
   saved config equals it);
 * a few optimizer steps lower the loss (a jitted train step; the eager rows check the forward only).
 
-Linen == NNX from one seed is a separate table (``test_linen_equals_nnx_from_one_seed``). A new
-method gets all of this by adding one row to ``ROWS``; its own test file keeps its math checks
-against NumPy references. Stacked layers (``nn.scan`` / ``nnx.vmap``) join as a third axis when the
-bindings support them (``docs/einsum_layouts.md``: the sites already do).
+Linen == NNX from one seed is a separate table (``test_linen_equals_nnx_from_one_seed``). Stacked
+layers are a third, compact table (``test_stacked_contract``): every row on the reference LM with
+``scan_layers=True`` (Linen ``nn.scan``, NNX ``nnx.vmap`` + ``nnx.scan``) checks identity at init and
+Linen == NNX (leaves bit for bit, outputs at init and moved off it); a method the NNX stack refuses
+(``NNX_STACK_REFUSES``) must refuse naming the layer. A new method gets all of this by adding one
+row to ``ROWS``; its own test file keeps its math checks against NumPy references (stacked ==
+unrolled: ``tests/test_scan.py``; whole-model operations on stacks: ``tests/test_stacked_ops.py``).
 
 Tolerances: fp32 forward of a 1-layer, 16-wide LM: 1e-5 (merge round trips: 1e-5 relative to O(1)
 kernels).
@@ -218,3 +221,55 @@ def test_linen_equals_nnx_from_one_seed(name, base):
     assert sorted(linen_leaves) == sorted(nnx_leaves)
     for path, value in linen_leaves.items():
         np.testing.assert_array_equal(nnx_leaves[path], value, err_msg=path)
+
+
+# -- stacked layers: every row on the scanned reference LM ---------------------------------------
+
+STACKED = CONFIG.replace(num_layers=2, scan_layers=True)
+# Leaves shared by all sites (one module every layer references) would be sliced by nnx.scan.
+NNX_STACK_REFUSES = {"compacter": "Compacter", "prefix-reparam": "PrefixTuning"}
+
+
+@pytest.fixture(scope="module")
+def stacked_base():
+    return LinenLM(STACKED).init(jax.random.key(0), TOKENS)["params"]
+
+
+# CI runs one row per method family (and both refusals); the variants are slow.
+STACKED_SLOW = ("lora-rslora-patterns", "lora-pissa", "pfeiffer", "prefix", "p-tuning")
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=(pytest.mark.slow,) if n in STACKED_SLOW else ()) for n in ROWS]
+)
+def test_stacked_contract(name, stacked_base):
+    """Identity at init and Linen == NNX on ``[L, ...]`` kernels (nn.scan vs nnx.vmap + nnx.scan)."""
+    method = ROWS[name]
+    model = LinenLM(STACKED)
+    peft_model, params = jp.apply(method, model, jax.random.key(1), TOKENS, params=stacked_base)
+    trainable, frozen = jp.partition(params, peft_model.trainable)
+    forward = jax.jit(lambda t, f: peft_model.apply(jp.combine(t, f), TOKENS))
+    y = forward(trainable, frozen)
+    if method.identity_at_init:
+        np.testing.assert_allclose(y, model.apply({"params": stacked_base}, TOKENS), rtol=1e-4, atol=1e-4)
+    stacked_leaves = [x for x in jax.tree.leaves(jp.prune(trainable)) if x.ndim and x.shape[0] == STACKED.num_layers]
+    assert stacked_leaves or name in ("prompt", "p-tuning"), "no PEFT leaf carries the layer axis"
+
+    nnx_base = nnx_from_linen_params(STACKED, stacked_base)
+    if name in NNX_STACK_REFUSES:
+        with pytest.raises(ValueError, match=rf"{NNX_STACK_REFUSES[name]} shares leaves .*NNX layer stack at 'layers/\S+'"):
+            jp.apply(method, nnx_base, jax.random.key(1))
+        return
+    nnx_model = jp.apply(method, nnx_base, jax.random.key(1))
+    graphdef, nnx_trainable, nnx_frozen = nnx.split(nnx_model, jp.PeftParam, ...)
+    linen_leaves, nnx_leaves = _leaves(trainable), _leaves(nnx.to_pure_dict(nnx_trainable))
+    assert sorted(linen_leaves) == sorted(nnx_leaves)
+    for path, value in linen_leaves.items():
+        np.testing.assert_array_equal(nnx_leaves[path], value, err_msg=path)
+    nnx_forward = jax.jit(lambda t, f: nnx.merge(graphdef, t, f)(TOKENS))
+    np.testing.assert_allclose(nnx_forward(nnx_trainable, nnx_frozen), y, **TOL)
+    # Moved off init (B = 0 would hide a wrong layer slice): the same leaves give the same outputs.
+    tuned = _perturb(trainable)
+    nnx_tuned = nnx.state(nnx_model, jp.PeftParam)
+    nnx.replace_by_pure_dict(nnx_tuned, jp.prune(tuned))
+    np.testing.assert_allclose(nnx_forward(nnx_tuned, nnx_frozen), forward(tuned, frozen), **TOL)
