@@ -1,13 +1,14 @@
-"""Mixed-adapter batches: one forward where each example runs its own LoRA adapter, against
-looping over the adapters (one forward per adapter on its share of the batch).
+"""Mixed-adapter batches: one forward where each example runs its own adapter, against looping over the
+adapters (one forward per adapter on its share of the batch), for every site method.
 
-Run: ``python -m benchmarks.bench_adapters`` (or ``jaxpeft bench adapters``). Both are jitted
-and timed round-robin in one process; throughput is examples per second.
+Run: ``python -m benchmarks.bench_adapters`` (or ``jaxpeft bench adapters``): the issue's shape, 8 adapters
+with one example each. Both are jitted and timed round-robin in one process; throughput is examples per second.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,62 +18,92 @@ import jaxpeft as jp
 from benchmarks.common import interleaved_medians, machine, write
 from jaxpeft.models import LinenLM, LMConfig
 
+METHODS = {  # name: (what the row is, one adapter of it)
+    "lora": ("LoRA r=8 (query, value)", lambda n: jp.lora(8, 16, targets=r"attn/(query|value)$", adapter=n)),
+    "dora": ("DoRA r=8 (query, value)", lambda n: jp.dora(8, 16, targets=r"attn/(query|value)$", adapter=n)),
+    "ia3": ("IA3 (keys, values, feed-forward input)", lambda n: jp.ia3(adapter=n)),
+    "lokr": ("LoKr (query, value)", lambda n: jp.lokr(8, targets=r"attn/(query|value)$", adapter=n)),
+    "houlsby": ("Houlsby adapters (m = d/16)", lambda n: jp.houlsby(reduction_factor=16, adapter=n)),
+    "compacter": ("Compacter (n=4, m = d/16)", lambda n: jp.compacter(4, reduction_factor=16, adapter=n)),
+}
+
+
+def _bound(model, make, names, x, params):
+    peft_model = None
+    for i, name in enumerate(names):
+        peft = make(name)
+        if peft_model is None:
+            peft_model, params = jp.apply(peft, model, jax.random.key(i + 1), x, params=params)
+        else:
+            peft_model, params = jp.add_adapter(peft_model, peft, jax.random.key(i + 1), params=params)
+    # Non-zero, distinct leaves so every adapter does real, different work.
+    trainable, frozen = jp.partition(params, peft_model.trainable)
+    leaves, treedef = jax.tree.flatten(trainable)
+    keys = jax.random.split(jax.random.key(99), len(leaves))
+    noisy = [v + 0.01 * jax.random.normal(k, v.shape, v.dtype) for k, v in zip(keys, leaves)]
+    return peft_model, jp.combine(jax.tree.unflatten(treedef, noisy), frozen)
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks.bench_adapters")
-    p.add_argument("--adapters", type=int, default=4)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--adapters", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--quick", action="store_true", help="tiny model, 2 repeats: checks the script runs")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
+    p.add_argument("--quick", action="store_true", help="tiny model, 2 repeats, LoRA and IA3: checks the script runs")
     args = p.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    if args.batch < args.adapters:
+        p.error(f"--batch {args.batch} must be >= --adapters {args.adapters}: every adapter gets an example")
     config = LMConfig.tiny() if args.quick else LMConfig.bench()
     repeats = 2 if args.quick else args.repeats
+    if args.quick:
+        methods = [m for m in methods if m.startswith(("lora", "ia3"))] or methods[:1]
     seq = min(args.seq, config.max_seq_len)
 
     model = LinenLM(config)
     key = jax.random.key(0)
     x = jax.random.randint(key, (args.batch, seq), 0, config.vocab_size)
-    params = model.init(key, x)["params"]
+    base = model.init(key, x)["params"]
     names = tuple(f"task{i}" for i in range(args.adapters))
-    peft_model = None
-    for i, name in enumerate(names):
-        lora = jp.lora(8, 16, targets=r"attn/(query|value)$", adapter=name)
-        if peft_model is None:
-            peft_model, params = jp.apply(lora, model, jax.random.key(i + 1), x, params=params)
-        else:
-            peft_model, params = jp.add_adapter(peft_model, lora, jax.random.key(i + 1), params=params)
-    # Non-zero B so every adapter does real work.
-    trainable, frozen = jp.partition(params, r"lora_b")
-    params = jp.combine(jax.tree.map(lambda b: 0.01 * jnp.ones_like(b), trainable), frozen)
     ids = jnp.asarray(np.arange(args.batch) % args.adapters)
-
-    mixed = jax.jit(lambda p, x, ids: peft_model.apply(p, x, adapters=names, adapter_ids=ids))
-    per_adapter = {n: jax.jit(lambda p, x, n=n: peft_model.apply(p, x, adapters=n)) for n in names}
     groups = [np.flatnonzero(np.asarray(ids) == i) for i in range(args.adapters)]
-    groups_x = [x[g] for g in groups]
+    rows = []
+    for method in methods:
+        label, make = METHODS[method]
+        peft_model, params = _bound(model, make, names, x, base)
+        mixed = jax.jit(lambda p, x, ids, m=peft_model: m.apply(p, x, adapters=names, adapter_ids=ids))
+        per_adapter = {n: jax.jit(lambda p, x, n=n, m=peft_model: m.apply(p, x, adapters=n)) for n in names}
+        groups_x = [x[g] for g in groups]
 
-    def loop():
-        return [per_adapter[n](params, gx) for n, gx in zip(names, groups_x)]
+        def loop(per_adapter=per_adapter, params=params, groups_x=groups_x):
+            return [per_adapter[n](params, gx) for n, gx in zip(names, groups_x)]
 
-    # Same answer first: the benchmark compares equal work.
-    out, looped = mixed(params, x, ids), loop()
-    for g, y in zip(groups, looped):
-        np.testing.assert_allclose(out[g], y, rtol=2e-4, atol=2e-4)
-    seconds = interleaved_medians({"mixed batch (one forward)": lambda: mixed(params, x, ids),
-                                   "loop over adapters": loop}, repeats)
-    rows = [{"method": k, "seconds": v, "examples_per_second": args.batch / v,
-             "speedup_vs_loop": seconds["loop over adapters"] / v} for k, v in seconds.items()]
-    table = "| method | forward time | examples/s | vs loop |\n|---|---:|---:|---:|\n" + "\n".join(
-        f"| {r['method']} | {1e3 * r['seconds']:.1f} ms | {r['examples_per_second']:.1f} | {r['speedup_vs_loop']:.2f}x |"
-        for r in rows
-    )
+        # Same answer first: the benchmark compares equal work.
+        out, looped = mixed(params, x, ids), loop()
+        for g, y in zip(groups, looped):
+            np.testing.assert_allclose(out[g], y, rtol=2e-4, atol=2e-4, err_msg=method)
+        seconds = interleaved_medians({"mixed": lambda: mixed(params, x, ids), "loop": loop}, repeats)
+        rows.append({"method": label, "mixed_seconds": seconds["mixed"], "loop_seconds": seconds["loop"],
+                     "mixed_examples_per_second": args.batch / seconds["mixed"],
+                     "speedup_vs_loop": seconds["loop"] / seconds["mixed"]})
+        print(f"{label}: mixed {1e3 * seconds['mixed']:.1f} ms, loop {1e3 * seconds['loop']:.1f} ms", flush=True)
+    table = ("| method | mixed batch (one forward) | loop over adapters | mixed examples/s | mixed vs loop |\n"
+             "|---|---:|---:|---:|---:|\n" + "\n".join(
+                 f"| {r['method']} | {1e3 * r['mixed_seconds']:.1f} ms | {1e3 * r['loop_seconds']:.1f} ms | "
+                 f"{r['mixed_examples_per_second']:.1f} | **{r['speedup_vs_loop']:.2f}x** |" for r in rows))
     payload = {"machine": machine(), "config": {k: str(v) for k, v in vars(config).items()}, "batch": args.batch,
                "seq": seq, "adapters": args.adapters, "repeats": repeats, "rows": rows}
     write("mixed_adapters", payload,
-          f"Reference LM ({config.num_layers} layers, d_model {config.d_model}), {args.adapters} LoRA adapters "
-          f"(r=8, query/value), batch {args.batch} x {seq}, each example with its own adapter; jitted forward, "
-          f"median of {repeats}.\n\n" + table, save=not args.quick)
+          f"Reference LM ({config.num_layers} layers, d_model {config.d_model}), {args.adapters} adapters of each "
+          f"method, batch {args.batch} x {seq} (example i runs adapter i mod {args.adapters}); the loop runs one "
+          f"jitted forward per adapter on its own examples. Jitted, median of {repeats} interleaved calls; "
+          f"outputs checked equal first.\n\nCommand: `python -m benchmarks.bench_adapters "
+          f"{' '.join(argv if argv is not None else sys.argv[1:])}`.\n\n" + table, save=not args.quick)
     return 0
 
 
