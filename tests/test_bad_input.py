@@ -40,6 +40,30 @@ TOKENS = jnp.zeros((2, 8), jnp.int32)
 # ---------------------------------------------------------------- shared inputs (built once)
 
 
+class BatchNormNet(nn.Module):
+    """A model with a ``batch_stats`` collection (the collections rows)."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        return nn.BatchNorm(not train, name="bn")(nn.Dense(4, name="dense")(x))
+
+
+class DecodeAttention(nn.Module):
+    """An attention holding a decode ``cache`` (prefix tuning refuses it)."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=4, decode=True, name="attn")(x)
+
+
+class NnxDecodeAttention(nnx.Module):
+    def __init__(self, rngs):
+        self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=4, decode=True, rngs=rngs)
+
+    def __call__(self, x):
+        return self.attn(x)
+
+
 class World:
     """The trees the rows misuse; built once, checked unchanged after every row."""
 
@@ -58,14 +82,26 @@ class World:
         self.thin_adapter = jax.tree.map(lambda x: x[..., :1], self.adapter)
         self.quantized = jp.quantize({"w": jnp.ones((64, 64))}, targets="w")
         self.other = {"w": jnp.ones((3, 5)), "b": jnp.zeros((4,))}
+        # A model holding batch_stats, bound with LoRA; its trainable / frozen split and its state.
+        self.bn_x = jnp.ones((2, 3))
+        variables = BatchNormNet().init(jax.random.key(0), self.bn_x, train=False)
+        self.bn_model, self.bn_params = jp.apply(jp.lora(2, targets="dense"), BatchNormNet(), jax.random.key(1),
+                                                 self.bn_x, train=False, params=variables["params"])
+        self.bn_split = jp.partition(self.bn_params, self.bn_model.trainable)
+        self.bn_state = {"batch_stats": variables["batch_stats"]}
+        self.decode_x = jnp.ones((1, 3, 4))
+        self.decode_params = DecodeAttention().init(jax.random.key(0), self.decode_x)["params"]
+        self.nnx_decode = NnxDecodeAttention(nnx.Rngs(0))
         self.snapshot = self._values()
 
+    def _trees(self):
+        return (self.base, self.params, self.small, self.other, nnx.state(self.nnx_model), self.bn_params, self.bn_state)
+
     def _values(self):
-        trees = (self.base, self.params, self.small, self.other, nnx.state(self.nnx_model))
-        return [np.array(x, copy=True) for x in jax.tree.leaves(trees)]
+        return [np.array(x, copy=True) for x in jax.tree.leaves(self._trees())]
 
     def assert_unchanged(self):
-        now = jax.tree.leaves((self.base, self.params, self.small, self.other, nnx.state(self.nnx_model)))
+        now = jax.tree.leaves(self._trees())
         assert len(now) == len(self.snapshot)
         for x, old in zip(now, self.snapshot):
             assert not x.is_deleted()
@@ -74,7 +110,8 @@ class World:
 
 @pytest.fixture(scope="module")
 def world():
-    return World()
+    _WORLD[:] = [World()]
+    return _WORLD[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +130,27 @@ def _opt():
 
 def _step(w):
     return jp.make_train_step(lambda t, f, b, r: jnp.sum(t["w"] ** 2), _opt())
+
+
+def _bn_loss(forget_level=False):
+    """A has_state loss_fn on ``BatchNormNet``; ``forget_level`` returns the stats without their collection key."""
+
+    def loss_fn(trainable, frozen, batch, rng, model_state):
+        w = _WORLD[0]
+        y, updated = w.bn_model.apply(jp.combine(trainable, frozen), batch, train=True, collections=model_state,
+                                      mutable=["batch_stats"])
+        return jnp.sum(y**2), (updated["batch_stats"] if forget_level else updated)
+
+    return loss_fn
+
+
+def _bn_step(w, *, has_state=True, forget_level=False, model_state=None):
+    trainable, frozen = w.bn_split
+    step = jp.make_train_step(_bn_loss(forget_level), _opt(), has_state=has_state)
+    return step(trainable, frozen, _opt().init(trainable), w.bn_x, None, model_state)
+
+
+_WORLD = []  # the module's World, for loss functions built before it is
 
 
 def _mesh():
@@ -308,6 +366,39 @@ ROWS = [
     Row("iterative_magnitude_pruning-rounds", lambda w, d: jp.iterative_magnitude_pruning(lambda p, m: p, w.small,
                                                                                           sparsity=0.5, rounds=0),
         ValueError, r"rounds.*0"),
+    # ---- variable collections (batch_stats, cache, ...): PeftLinen.apply, the train and eval steps
+    Row("PeftLinen.apply-mutable-near-miss",
+        lambda w, d: w.bn_model.apply(w.bn_params, w.bn_x, train=True, collections=w.bn_state, mutable=["batch_stat"]),
+        ValueError, r"collection 'batch_stat', which BatchNormNet does not hold.*did you mean 'batch_stats'\?"),
+    Row("PeftLinen.apply-collection-not-passed",
+        lambda w, d: w.bn_model.apply(w.bn_params, w.bn_x, train=False),
+        ValueError, r"holds the collection 'batch_stats'.*passes \[\].*collections=\{'batch_stats': \.\.\.\}"),
+    Row("PeftLinen.apply-collections-not-a-dict",
+        lambda w, d: w.bn_model.apply(w.bn_params, w.bn_x, train=False, collections=[w.bn_state]),
+        TypeError, r"collections must be a dict.*got list"),
+    Row("PeftLinen.apply-collections-hold-params",
+        lambda w, d: w.bn_model.apply(w.bn_params, w.bn_x, train=False, collections={"params": w.bn_params,
+                                                                                     **w.bn_state}),
+        ValueError, r"collections holds 'params'"),
+    Row("make_train_step-has_state-not-bool",
+        lambda w, d: jp.make_train_step(_bn_loss(), _opt(), has_state="yes"),
+        TypeError, r"has_state must be a bool, got 'yes'"),
+    Row("TrainStep-model_state-missing", lambda w, d: _bn_step(w),
+        TypeError, r"has_state=True: call it as step\(.*model_state\)"),
+    Row("TrainStep-model_state-unexpected", lambda w, d: _bn_step(w, has_state=False, model_state=w.bn_state),
+        TypeError, r"carries no model state.*has_state=True"),
+    Row("make_train_step-state-structure", lambda w, d: _bn_step(w, forget_level=True, model_state=w.bn_state),
+        ValueError, r"another structure.*\['bn/mean', 'bn/var'\] instead of \['batch_stats/bn/mean'"),
+    Row("make_eval_step-model_state-missing",
+        lambda w, d: jp.make_eval_step(lambda t, f, b, s: {"n": jnp.sum(b)}, has_state=True)(*w.bn_split, w.bn_x),
+        TypeError, r"takes \(trainable, frozen, batch, model_state\)"),
+    Row("apply-prefix-on-linen-decode-cache",
+        lambda w, d: jp.apply(jp.prefix_tuning(2, targets=r"attn/(key|value)$"), DecodeAttention(), jax.random.key(1),
+                              w.decode_x, params=w.decode_params),
+        ValueError, r"prefix tuning cannot run 'attn' \(MultiHeadDotProductAttention\) with decode=True"),
+    Row("apply-prefix-on-nnx-decode-cache",
+        lambda w, d: jp.apply(jp.prefix_tuning(2, targets=r"attn/(key|value)$"), w.nnx_decode, jax.random.key(1)),
+        ValueError, r"prefix tuning cannot run 'attn' \(MultiHeadAttention\) with decode=True"),
     # ---- quantization
     Row("quantize-scheme", lambda w, d: jp.quantize(w.base, scheme="nf3"), ValueError, r"'nf3'",
         covers=("QuantizedArray",)),
