@@ -25,9 +25,10 @@ from benchmarks.peers import shared as S
 from benchmarks.peers.worker import JAX_PEERS, TORCH_PEERS
 
 BASELINE = "jaxpeft-linen"
-# The rows a peer cannot do: flax's nnx.LoRA and qwix have no DoRA; qwix is LoRA only (its full fine-tuning
-# would be plain NNX, which nnx-lora's full row already is).
-NOT_DONE = {"nnx-lora": S.DORA_ROWS, "qwix-lora": (*S.DORA_ROWS, "full")}
+# The rows a peer cannot do: flax's nnx.LoRA and qwix have no DoRA; nnx.LoRA has no quantized base; qwix is
+# (Q)LoRA only (its full fine-tuning would be plain NNX, which nnx-lora's full row already is). On the QLoRA
+# rows qwix-lora is qwix's QLoRA (its NF4 weights) and peft-* is HF PEFT on bitsandbytes' Linear4bit.
+NOT_DONE = {"nnx-lora": (*S.DORA_ROWS, *S.QLORA_ROWS), "qwix-lora": (*S.DORA_ROWS, "full")}
 ROW_PEERS = {row: tuple(p for p in JAX_PEERS + TORCH_PEERS if row not in NOT_DONE.get(p, ())) for row in S.ROWS}
 # The loss after one step must agree to this relative tolerance (fp32; XLA and torch sum in different orders).
 LOSS_RTOL = 1e-4
@@ -70,6 +71,9 @@ def measure(rows, peers_of, quick: bool, rounds: int, steps: int, cache_dir: str
             "loss_initial": results[0]["losses"][0], "loss_after_one_step": results[0]["losses"][1],
             "step_seconds": step, "compile_seconds": max(first - step, 0.0), "tokens_per_second": batch * seq / step,
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in results), "runs": len(results),
+            # per step, the first (compiling) one left out: CPU seconds (user + system), system seconds, minor faults
+            **{k: statistics.median(x for r in results for x in r[k][1:])
+               for k in ("cpu_seconds", "sys_seconds", "minor_faults")},
         })
     for r in out:
         base = next(b for b in out if b["row"] == r["row"] and b["peer"] == BASELINE)
@@ -81,12 +85,13 @@ def measure(rows, peers_of, quick: bool, rounds: int, steps: int, cache_dir: str
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| work | peer | trainable | loss after 1 step | compile | step | tokens/s | peak RSS | vs jaxpeft |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
+    head = ("| work | peer | trainable | loss after 1 step | compile | step | tokens/s | peak RSS | vs jaxpeft "
+            "| CPU / step (system) | page faults / step |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     return head + "\n".join(
         f"| {r['row']} | {r['peer']} | {r['trainable_params']:,} | {r['loss_after_one_step']:.6f} | "
         f"{r['compile_seconds']:.2f} s | {1e3 * r['step_seconds']:.1f} ms | {r['tokens_per_second']:,.0f} | "
-        f"{r['peak_rss_bytes'] / 2**20:.0f} MiB | {r['step_ratio_vs_jaxpeft']:.2f}x |" for r in rows)
+        f"{r['peak_rss_bytes'] / 2**20:.0f} MiB | {r['step_ratio_vs_jaxpeft']:.2f}x | "
+        f"{1e3 * r['cpu_seconds']:.0f} ms ({1e3 * r['sys_seconds']:.0f}) | {r['minor_faults']:,.0f} |" for r in rows)
 
 
 def plot(rows: list[dict], path: pathlib.Path) -> None:

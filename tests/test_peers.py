@@ -32,12 +32,32 @@ def test_jaxpeft_and_nnx_lora_do_the_same_work(arrays):
     assert ours["losses"][1] < ours["losses"][0]
 
 
+def test_qlora_peers_train_on_the_same_nf4_base(arrays):
+    """jaxpeft's QLoRA against qwix's (its own NF4 quantizer and dequantizing dot): the same quantized base."""
+    pytest.importorskip("qwix", reason="the qwix peer needs qwix")
+    from benchmarks.peers.jax_peers import jaxpeft_linen, qwix_lora
+
+    c = shared.config(True)
+    ours, theirs = jaxpeft_linen("qlora_qv", arrays, 2), qwix_lora("qlora_qv", arrays, 2)
+    fp32 = jaxpeft_linen("lora_qv", arrays, 1)
+    assert ours["trainable_params"] == theirs["trainable_params"] == c.num_layers * 2 * 2 * c.d_model * shared.RANK
+    for a, b in zip(ours["losses"], theirs["losses"]):
+        assert abs(a - b) <= LOSS_RTOL * abs(b), (ours["losses"], theirs["losses"])
+    # the base really is 4-bit: NF4's rounding moves the initial loss far beyond the fp32 tolerance
+    assert abs(ours["losses"][0] - fp32["losses"][0]) > 100 * LOSS_RTOL * abs(fp32["losses"][0])
+    # the worker's per-step usage figures: one per step, CPU time includes system time
+    assert len(ours["cpu_seconds"]) == len(ours["minor_faults"]) == 2
+    assert all(cpu >= sys_ >= 0 for cpu, sys_ in zip(ours["cpu_seconds"], ours["sys_seconds"]))
+
+
 @pytest.mark.interop
-@pytest.mark.parametrize("row", ["lora_qv", pytest.param("lora_all", marks=pytest.mark.slow), pytest.param("full", marks=pytest.mark.slow),
+@pytest.mark.parametrize("row", ["lora_qv", "qlora_qv", pytest.param("lora_all", marks=pytest.mark.slow), pytest.param("full", marks=pytest.mark.slow),
                                  pytest.param("dora_qv", marks=pytest.mark.slow)])
 def test_peft_does_the_same_work(arrays, row):
     pytest.importorskip("torch", reason="the torch peers need torch")
     pytest.importorskip("peft", reason="the torch peers need peft")
+    if row in shared.QLORA_ROWS:
+        pytest.importorskip("bitsandbytes", reason="the torch QLoRA peer needs bitsandbytes")
     from benchmarks.peers.jax_peers import jaxpeft_linen
     from benchmarks.peers.torch_peers import peft_eager
 

@@ -32,14 +32,15 @@ def _timed_steps(step, state, steps: int) -> dict:
     """Run ``state = step(state) -> (state, loss)`` ``steps`` times; the first call includes compilation."""
     import jax
 
-    losses, times = [], []
+    losses, times, usages = [], [], []
     for _ in range(steps):
-        t = time.perf_counter()
+        t, u = time.perf_counter(), S.usage()
         state, loss = step(state)
         loss = float(jax.block_until_ready(loss))
         times.append(time.perf_counter() - t)
+        usages.append(S.step_usage(u, S.usage()))
         losses.append(loss)
-    return {"losses": losses, "step_seconds": times}
+    return {"losses": losses, "step_seconds": times, **{k: [x[k] for x in usages] for k in usages[0]}}
 
 
 def jaxpeft_linen(row: str, arrays: dict, steps: int) -> dict:
@@ -55,6 +56,8 @@ def jaxpeft_linen(row: str, arrays: dict, steps: int) -> dict:
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
     base = jax.tree.map(jnp.asarray, _nest(arrays, "params/"))
     targets = S.ROWS[row]
+    if row in S.QLORA_ROWS:  # the NF4 base; the dequantize runs inside the jitted step
+        base = jp.quantize(base, _QUANTIZED_KERNELS, scheme="nf4", block_size=S.quant_block(bool(arrays["quick"])))
     if targets is None:
         apply_fn, params, selector = (lambda p, x: model.apply({"params": p}, x)), base, True
     else:
@@ -82,13 +85,17 @@ def jaxpeft_linen(row: str, arrays: dict, steps: int) -> dict:
     return out
 
 
+# the kernels a QLoRA row stores in NF4 (Linen and NNX paths alike)
+_QUANTIZED_KERNELS = r"layers_\d+/(attn|mlp)/({})/kernel$".format("|".join(S.QUANTIZED))
+
+
 def _with_shared_a(params: dict, arrays: dict) -> dict:
     """``params`` with every ``lora_a`` replaced by the shared init of its layer."""
     import jax
     import jax.numpy as jnp
 
     def replace(keys, leaf):
-        names = [k.key for k in keys]
+        names = [getattr(k, "key", None) for k in keys]  # a QuantizedArray's fields have no dict key
         if names[-1] != "lora_a":
             return leaf
         return jnp.asarray(arrays["lora_a/" + "/".join(names[:-1])])
@@ -153,6 +160,8 @@ def jaxpeft_nnx(row: str, arrays: dict, steps: int) -> dict:
     _, model = _nnx_model(arrays)
     targets = S.ROWS[row]
     wanted = nnx.Param
+    if row in S.QLORA_ROWS:
+        model = jp.quantize(model, targets=_QUANTIZED_KERNELS, scheme="nf4", block_size=S.quant_block(bool(arrays["quick"])))
     if targets is not None:
         regex = "({})/({})$".format("|".join(sorted({S.PARENT[t] for t in targets})), "|".join(targets))
         method = jp.dora if row in S.DORA_ROWS else jp.lora
@@ -176,8 +185,8 @@ def nnx_lora(row: str, arrays: dict, steps: int) -> dict:
 
     c, model = _nnx_model(arrays)
     targets = S.ROWS[row]
-    if row in S.DORA_ROWS:
-        raise ValueError(f"nnx-lora has no DoRA (row {row!r})")
+    if row in S.DORA_ROWS or row in S.QLORA_ROWS:
+        raise ValueError(f"nnx-lora has no DoRA and no quantized base (row {row!r})")
     wanted = nnx.Param
     if targets is not None:
         scale = S.ALPHA / S.RANK
@@ -210,7 +219,12 @@ def qwix_lora(row: str, arrays: dict, steps: int) -> dict:
         raise ValueError("qwix-lora is a LoRA peer; full fine-tuning is the other peers' row")
     regex = ".*({})/({})$".format("|".join(sorted({S.PARENT[t] for t in targets})), "|".join(targets))
     tokens = jnp.asarray(arrays["tokens"])
-    provider = qwix.LoraProvider(module_path=regex, rank=S.RANK, alpha=float(S.ALPHA))
+    rules = [qwix.LoraRule(module_path=regex, rank=S.RANK, alpha=float(S.ALPHA))]
+    if row in S.QLORA_ROWS:  # qwix's QLoRA: NF4 weights on every block linear, an absmax per tile of inputs
+        quant = {"weight_qtype": "nf4", "tile_size": S.quant_block(bool(arrays["quick"]))}
+        rules = [qwix.LoraRule(module_path=regex, rank=S.RANK, alpha=float(S.ALPHA), **quant),  # first match wins
+                 qwix.QuantizationRule(module_path=".*/({})$".format("|".join(S.QUANTIZED)), **quant)]
+    provider = qwix.LoraProvider(rules)
     model = qwix.apply_lora_to_model(model, provider, tokens[:, :-1], rngs=nnx.Rngs(0))
     seen = 0
     for path, var in nnx.iter_graph(model):

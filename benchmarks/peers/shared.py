@@ -21,8 +21,20 @@ ROWS = {
     "lora_all": ("query", "key", "value", "out", "up", "down"),
     "full": None,
     "dora_qv": ("query", "value"),
+    "qlora_qv": ("query", "value"),
 }
 DORA_ROWS = ("dora_qv",)  # DoRA (weight-decomposed LoRA, detached column norm) instead of LoRA
+# QLoRA: every block's linear kernel (QUANTIZED) stored NF4, LoRA on the row's targets; embeddings, norms
+# and the head stay fp32. Blocks of ``quant_block`` input rows per absmax scale, no double quantization:
+# bitsandbytes' NF4 dequantizes bit for bit to jaxpeft's there (its double-quantized absmax does not match
+# jaxpeft's), so every peer trains on the same base weights.
+QLORA_ROWS = ("qlora_qv",)
+QUANTIZED = ("query", "key", "value", "out", "up", "down")
+
+
+def quant_block(quick: bool) -> int:
+    """Input rows per absmax scale: QLoRA's 64; 32 on the tiny LM (d_model 32), bitsandbytes' smallest."""
+    return 32 if quick else 64
 # module name -> its parent in the reference LM (``layers_{i}/<parent>/<name>``)
 PARENT = {"query": "attn", "key": "attn", "value": "attn", "out": "attn", "up": "mlp", "down": "mlp"}
 
@@ -65,6 +77,22 @@ def make(path: pathlib.Path, quick: bool, seed: int = 0) -> None:
 def load(path: str) -> dict[str, np.ndarray]:
     with np.load(path) as f:
         return {k: f[k] for k in f.files}
+
+
+def usage() -> tuple[float, float, int]:
+    """This process's (user + system CPU seconds, system CPU seconds, minor page faults) so far.
+
+    Per step, these tell work from waiting on a shared machine, and a step's page faults from its math:
+    a buffer that the allocator maps fresh (``mmap``) each step faults in again page by page.
+    """
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime + u.ru_stime, u.ru_stime, u.ru_minflt
+
+
+def step_usage(before: tuple[float, float, int], after: tuple[float, float, int]) -> dict:
+    """The ``usage()`` difference of one step, keyed as the worker's figures are."""
+    return {"cpu_seconds": after[0] - before[0], "sys_seconds": after[1] - before[1],
+            "minor_faults": after[2] - before[2]}
 
 
 def peak_rss_bytes() -> int:

@@ -92,6 +92,8 @@ def _peft_run(row: str, arrays: dict, steps: int, compile: bool) -> dict:
     c = S.config(bool(arrays["quick"]))
     model = _torch_lm(c)
     _load(model, arrays)
+    if row in S.QLORA_ROWS:
+        _quantize_nf4(model, S.quant_block(bool(arrays["quick"])))
     targets = S.ROWS[row]
     if targets is not None:
         import peft
@@ -109,17 +111,43 @@ def _peft_run(row: str, arrays: dict, steps: int, compile: bool) -> dict:
     opt = torch.optim.AdamW(params, lr=S.LEARNING_RATE, betas=S.BETAS, eps=S.EPS, weight_decay=S.WEIGHT_DECAY)
     forward = torch.compile(model) if compile else model
 
-    losses, times = [], []
+    losses, times, usages = [], [], []
     for _ in range(steps):
-        t = time.perf_counter()
+        t, u = time.perf_counter(), S.usage()
         opt.zero_grad(set_to_none=True)
         logits = forward(inputs)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - t)
+        usages.append(S.step_usage(u, S.usage()))
         losses.append(float(loss.detach()))
-    return {"losses": losses, "step_seconds": times, "trainable_params": int(sum(p.numel() for p in params))}
+    return {"losses": losses, "step_seconds": times, "trainable_params": int(sum(p.numel() for p in params)),
+            **{k: [x[k] for x in usages] for k in usages[0]}}
+
+
+def _quantize_nf4(model, block: int) -> None:
+    """Every block linear of ``model`` as a bitsandbytes ``Linear4bit`` (NF4, fp32 compute) holding its weight.
+
+    bitsandbytes quantizes the ``[out, in]`` weight in blocks of ``block`` consecutive inputs, the
+    blocks jaxpeft takes along a kernel's input axis; HF PEFT then wraps these layers with its bnb LoRA.
+    """
+    import bitsandbytes as bnb
+    import torch
+
+    for layer in model.layers:
+        for name in S.QUANTIZED:
+            parent = getattr(layer, S.PARENT[name])
+            dense = getattr(parent, name)
+            q = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=dense.bias is not None,
+                                  compute_dtype=torch.float32, compress_statistics=False, quant_type="nf4")
+            q.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                         compress_statistics=False, blocksize=block)
+            if dense.bias is not None:
+                q.bias = torch.nn.Parameter(dense.bias.data.clone(), requires_grad=False)
+            setattr(parent, name, q.to("cpu"))  # .to() quantizes
+            if getattr(parent, name).weight.quant_state is None:
+                raise RuntimeError(f"bitsandbytes did not quantize {S.PARENT[name]}/{name}")
 
 
 def _a_key(torch_name: str) -> str:
