@@ -58,6 +58,14 @@ def check_claims(site: Site, methods: Sequence[Transform], existing: Sequence[st
     owner: dict[str, str] = {name: "the base layer" for name in existing}
     for m in methods:
         for name in m.param_names:
+            if name in owner and owner[name] == "the base layer":
+                # Usually params that already went through jp.apply: the full params, or the frozen
+                # part of jp.partition, whose None holes still name the PEFT leaves.
+                raise ValueError(
+                    f"{type(m).__name__} would add the leaf {name!r} at {site.path!r}, which the given params "
+                    "already hold there (params from an earlier jp.apply, or jp.partition's frozen part with its "
+                    "None holes?): pass the base params, e.g. jp.prune(frozen), or bind another adapter name"
+                )
             if name in owner:
                 raise ValueError(
                     f"{type(m).__name__} and {owner[name]} both claim the leaf {name!r} at {site.path!r}; "

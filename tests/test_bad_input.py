@@ -399,6 +399,11 @@ ROWS = [
     Row("apply-prefix-on-nnx-decode-cache",
         lambda w, d: jp.apply(jp.prefix_tuning(2, targets=r"attn/(key|value)$"), w.nnx_decode, jax.random.key(1)),
         ValueError, r"prefix tuning cannot run 'attn' \(MultiHeadAttention\) with decode=True"),
+    Row("apply-params-already-bound",
+        lambda w, d: jp.apply(w.peft, w.model, jax.random.key(1), TOKENS,
+                              params=jp.partition(w.params, w.peft.trainable)[1]),
+        ValueError, r"LoRA would add the leaf 'lora_a' at 'layers_0/attn/query', which the given params already "
+                    r"hold.*jp\.prune\(frozen\)"),
     # ---- quantization
     Row("quantize-scheme", lambda w, d: jp.quantize(w.base, scheme="nf3"), ValueError, r"'nf3'",
         covers=("QuantizedArray",)),
