@@ -16,6 +16,7 @@ import pytest
         pytest.param("train_safety", marks=pytest.mark.slow),  # ~10 s
         pytest.param("methods", marks=pytest.mark.slow),  # ~45 s
         pytest.param("before_after", marks=pytest.mark.slow),  # ~40 CPU-s: a git worktree, two workers
+        pytest.param("mixed_peft", marks=[pytest.mark.slow, pytest.mark.interop]),  # torch + peft, real MiniLM
     ],
 )
 def test_benchmark_quick_run(name, monkeypatch, tmp_path):
