@@ -12,8 +12,9 @@ one-layer reference LM:
 
 Linen == NNX from one seed is a separate table (``test_linen_equals_nnx_from_one_seed``). Stacked
 layers are a third, compact table (``test_stacked_contract``): every row on the reference LM with
-``scan_layers=True`` (Linen ``nn.scan``, NNX ``nnx.vmap`` + ``nnx.scan``) checks identity at init and
-Linen == NNX (leaves bit for bit, outputs at init and moved off it); a method the NNX stack refuses
+``scan_layers=True`` (Linen ``nn.scan``, NNX ``nnx.vmap`` + ``nnx.scan``) checks identity at init,
+Linen == NNX (leaves bit for bit, outputs at init and moved off it), merge == unmerged in both
+bindings and ``unmerge(merge(p)) == p`` on the ``[L, ...]`` kernels; a method the NNX stack refuses
 (``NNX_STACK_REFUSES``) must refuse naming the layer. A new method gets all of this by adding one
 row to ``ROWS``; its own test file keeps its math checks against NumPy references (stacked ==
 unrolled: ``tests/test_scan.py``; whole-model operations on stacks: ``tests/test_stacked_ops.py``).
@@ -236,7 +237,7 @@ def stacked_base():
 
 
 # CI runs one row per method family (and both refusals); the variants are slow.
-STACKED_SLOW = ("lora-rslora-patterns", "lora-pissa", "pfeiffer", "prefix", "p-tuning")
+STACKED_SLOW = ("lora-rslora-patterns", "lora-pissa", "lokr", "houlsby", "prefix", "p-tuning")
 
 
 @pytest.mark.parametrize(
@@ -272,4 +273,17 @@ def test_stacked_contract(name, stacked_base):
     tuned = _perturb(trainable)
     nnx_tuned = nnx.state(nnx_model, jp.PeftParam)
     nnx.replace_by_pure_dict(nnx_tuned, jp.prune(tuned))
-    np.testing.assert_allclose(nnx_forward(nnx_tuned, nnx_frozen), forward(tuned, frozen), **TOL)
+    y_tuned = forward(tuned, frozen)
+    np.testing.assert_allclose(nnx_forward(nnx_tuned, nnx_frozen), y_tuned, **TOL)
+    if not method.merges:
+        return
+    # merge == unmerged on the [L, ...] kernels, unmerge(merge(p)) == p (both bindings).
+    tuned_params = jp.combine(tuned, frozen)
+    merged = jp.merge(peft_model, tuned_params)
+    np.testing.assert_allclose(model.apply({"params": merged}, TOKENS), y_tuned, rtol=1e-4, atol=1e-4)
+    nnx.update(nnx_model, nnx_tuned)
+    np.testing.assert_allclose(jp.merge(nnx_model)(TOKENS), y_tuned, rtol=1e-4, atol=1e-4)
+    if method.unmerges:
+        back = jp.unmerge(peft_model, merged, tuned_params)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), jp.partition(back, r"kernel$")[0],
+                     jp.partition(tuned_params, r"kernel$")[0])

@@ -231,6 +231,10 @@ class Site:
         out = self.output_layout
         if bias_ndim is None:
             return "".join(c for c in out if c in self.out_labels)
+        if self.num_stacked:
+            # A stacked layer's bias is stored with the stack's axes in front ([L, *bias]), as the kernel;
+            # ``stacked`` puts their labels first in the output too.
+            return out[: self.num_stacked] + self.unstacked().bias_labels(bias_ndim - self.num_stacked)
         tail = out.partition("...")[2] if "..." in out else out
         if bias_ndim > len(tail):
             raise ValueError(f"{self.path}: a bias of rank {bias_ndim} does not fit the output {out!r}")
