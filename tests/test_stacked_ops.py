@@ -5,8 +5,9 @@ stacks built with ``nnx.vmap`` and run with ``nnx.scan`` (the models of ``tests/
   both bindings, and a Linen stack's adapter loads into its NNX twin (fp32 tolerance: two programs);
 * WiSE-FT on merged stacked weights: alpha 0 is the zero-shot base and alpha 1 the fine-tuned
   merge, bit for bit; alpha 0.5 equals a float64 NumPy ``W + alpha s A_l B_l`` per layer slice;
-* ``jp.quantize`` of a stacked base (4-bit kernels with a layer axis): not supported yet, refused
-  naming the layer (tested); the behaviour the issue asks for is an ``xfail(strict=True)`` test;
+* ``jp.quantize`` of a stacked base (``stack_axes=1`` in Linen, found by itself in NNX: each layer's
+  kernel its own 4-bit array): the forward equals a float64 NumPy unrolled forward with each layer
+  quantized on its own; a stack quantized as one array is refused naming the layer;
 * mixed-adapter batches: each example's output equals that example run alone with its adapter
   (batch == L included: the ids must not be sliced by the stack).
 
@@ -182,34 +183,53 @@ def _reference_quantized_forward(base, params, peft, x):
     v = f64(x)
     for i in range(L):
         v = v + layer("out", i, gelu(layer("query", i, v)))
+    if "head" not in base:  # NnxStacked ends at the stack
+        return v
     head = base["head"]
     return v @ f64(head["kernel"]) + f64(head["bias"])
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "4-bit stacked kernels: QuantizedArray (jaxpeft/quant/_array.py) packs and scales along axis 0, the "
-    "stack's layer axis, and keeps its static shape while nn.scan / nnx.scan slice its children; the "
-    "binding refuses it (test_quantize_stacked_is_refused_naming_the_layer). Needs a stack-aware leaf."))
 def test_linen_quantized_stacked_base_matches_per_layer_numpy_reference():
     peft = jp.lora(rank=R, targets=TARGETS)
     model = Stacked("scan")
     base = model.init(jax.random.key(0), X)["params"]
-    qbase = jp.quantize(base, scheme="nf4", block_size=4, targets=r"layers/.*kernel$")
+    qbase = jp.quantize(base, scheme="nf4", block_size=4, targets=r"layers/.*kernel$", stack_axes=1)
+    assert qbase["layers"]["query"]["kernel"].stack_shape == (L,)
     peft_model, params = jp.apply(peft, model, jax.random.key(1), X, params=qbase)
     params = randomize(params, peft.trainable, jax.random.key(2))
     np.testing.assert_allclose(peft_model.apply(params, X), _reference_quantized_forward(base, params, peft, X), **TOL)
+    # Merging dequantizes every layer of the stack: the plain model on the merged tree gives the same output.
+    merged = jp.merge(peft_model, params)
+    assert merged["layers"]["query"]["kernel"].shape == base["layers"]["query"]["kernel"].shape
+    np.testing.assert_allclose(model.apply({"params": merged}, X), peft_model.apply(params, X), **TOL)
 
 
-def test_quantize_stacked_is_refused_naming_the_layer():
+def test_nnx_quantize_finds_the_stack_and_matches_the_per_layer_reference():
+    peft = jp.lora(rank=R, targets=TARGETS)
+    model = NnxStacked(nnx.Rngs(0))
+    base = {"layers": {name: {"kernel": getattr(model.layers, name).kernel.get_value(),
+                              "bias": getattr(model.layers, name).bias.get_value()} for name in ("query", "out")}}
+    qmodel = jp.quantize(model, scheme="nf4", block_size=4, targets=r"layers/.*kernel$")  # stack axes found
+    assert qmodel.layers.query.kernel.get_value().stack_shape == (L,)
+    peft_model = jp.apply(peft, qmodel, jax.random.key(1))
+    state = nnx.state(peft_model, jp.PeftParam)
+    nnx.update(peft_model, jax.tree.map(lambda v: v + 0.3 * jax.random.normal(jax.random.key(5), v.shape), state))
+    params = {"layers": {name: {**base["layers"][name],
+                                "lora_a": getattr(peft_model.layers, name).lora_a.get_value(),
+                                "lora_b": getattr(peft_model.layers, name).lora_b.get_value()}
+                         for name in ("query", "out")}}
+    np.testing.assert_allclose(peft_model(X), _reference_quantized_forward(base, params, peft, X), **TOL)
+
+
+def test_quantize_stacked_as_one_array_is_refused_naming_the_layer():
     model = Stacked("scan")
     base = model.init(jax.random.key(0), X)["params"]
-    qbase = jp.quantize(base, scheme="nf4", block_size=4, targets=r"layers/.*kernel$")
-    with pytest.raises(ValueError, match=r"'layers/(query|out)' \(Dense\) is a stacked layer.*quantized"):
+    qbase = jp.quantize(base, scheme="nf4", block_size=4, targets=r"layers/.*kernel$")  # no stack_axes
+    with pytest.raises(ValueError, match=r"'layers/(query|out)' \(Dense\) is a stacked layer.*stack_axes=1"):
         jp.apply(jp.lora(rank=R, targets=TARGETS), model, jax.random.key(1), X, params=qbase)
-    # NNX: jp.quantize itself refuses, before quantizing anything.
-    with pytest.raises(ValueError, match=r"'layers/(query|out)' \(Linear\) is a stacked layer.*stack axes \(3,\)"):
-        jp.quantize(NnxStacked(nnx.Rngs(0)), scheme="nf4", block_size=4)
-    # The unstacked head alone quantizes and runs (the refusal is about stacks, not about this model).
+    with pytest.raises(ValueError, match=r"too few axes for stack_axes=2"):
+        jp.quantize(base, targets=r"layers/.*kernel$", stack_axes=2)
+    # The unstacked head alone quantizes and runs.
     qhead = jp.quantize(base, scheme="nf4", block_size=4, targets=r"head/kernel$")
     peft_model, params = jp.apply(jp.lora(rank=R, targets=TARGETS), model, jax.random.key(1), X, params=qhead)
     np.testing.assert_allclose(peft_model.apply(params, X), model.apply({"params": jp.dequantize(qhead)}, X), **TOL)

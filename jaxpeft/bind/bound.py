@@ -85,6 +85,11 @@ def prompt_keys(key: jax.Array, prompts: Sequence[Transform]) -> list[jax.Array]
     return list(jax.random.split(jax.random.fold_in(key, PROMPT_SALT), max(len(prompts), 1)))
 
 
+def stored_shape(kernel: Any) -> tuple[int, ...]:
+    """The shape a layer's kernel is stored with; a quantized stack's includes its stack axes."""
+    return tuple(kernel.logical_shape if isinstance(kernel, QuantizedArray) else kernel.shape)
+
+
 def stacked_site(site: Site, stored_shape: Sequence[int]) -> Site:
     """The site of a whole stack of layers (``nn.scan`` / ``nn.vmap`` / ``nnx.vmap``), or ``site`` itself.
 
@@ -107,18 +112,19 @@ def stacked_site(site: Site, stored_shape: Sequence[int]) -> Site:
 
 
 def refuse_quantized_stack(path: str, layer_type: str, kernel: Any, num_stacked: int) -> None:
-    """Refuse a quantized kernel of a stacked layer (``num_stacked`` leading layer axes), naming the path.
+    """Refuse a quantized kernel of a stacked layer that was not quantized layer by layer, naming the path.
 
-    A ``QuantizedArray`` packs and scales along axis 0, which in a stacked kernel is the stack's
-    layer axis, and its static shape does not follow ``nn.scan`` / ``nnx.scan`` slicing its
-    children: the forward would multiply by the wrong axes.
+    A stacked kernel must be quantized with ``jp.quantize(..., stack_axes=k)`` (NNX finds ``k`` itself): each
+    layer's slice its own ``QuantizedArray``, so ``nn.scan`` / ``nnx.scan`` hand every layer a whole one. One
+    quantized over the whole stack packs and scales along the layer axis, and its static shape does not
+    follow the scan's slicing: the forward would multiply by the wrong axes.
     """
-    if num_stacked and isinstance(kernel, QuantizedArray):
+    if num_stacked and isinstance(kernel, QuantizedArray) and len(kernel.stack_shape) != num_stacked:
         raise ValueError(
-            f"{path!r} ({layer_type}) is a stacked layer (stack axes {tuple(kernel.shape[:num_stacked])} of its "
-            f"kernel {tuple(kernel.shape)}) with a quantized kernel: 4-bit stacked kernels are not supported yet "
-            "(QuantizedArray packs along axis 0, the stack's layer axis here, which nn.scan / nnx.scan slice). "
-            "Keep the stacked kernels in float (jp.quantize(..., targets=...)), or quantize an unrolled model"
+            f"{path!r} ({layer_type}) is a stacked layer ({num_stacked} stack axes) whose kernel was quantized as "
+            f"one array of shape {tuple(kernel.logical_shape)}: it packs along the stack's layer axis, which "
+            f"nn.scan / nnx.scan slice. Quantize each layer on its own: jp.quantize(params, ..., "
+            f"stack_axes={num_stacked})"
         )
 
 

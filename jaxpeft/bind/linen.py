@@ -93,9 +93,10 @@ def _discover(
             site, why = _site(module, call_args[0]) if call_args else (None, "called without an input")
             kernel = own.get("kernel")
             if is_quantized(kernel):
-                # Inside nn.scan / nn.vmap a QuantizedArray's children are sliced but its static shape
-                # is still the whole stack's: refuse it before a quantized matmul fails on the axes.
-                stacked = kernel.ndim - kernel.packed.ndim
+                # Inside nn.scan / nn.vmap a QuantizedArray's children are sliced. One quantized layer by
+                # layer (stack_axes) is then whole; one quantized over the whole stack keeps the stack's
+                # static shape: refuse it before a quantized matmul fails on the axes.
+                stacked = max(kernel.ndim - kernel.packed.ndim, 0)
                 bound_ops.refuse_quantized_stack(path, type(module).__name__, kernel, stacked)
             found[path] = Layer(path, module, bool(names), names, site, why)
         if context.method_name != "__call__":
@@ -322,7 +323,7 @@ def _with_stacks(layers: tuple[Layer, ...], params: Mapping) -> tuple[Layer, ...
         if layer.site is not None:
             node = get_path(params, layer.path)
             stored = node[layer.site.kernel_name]
-            layer = dataclasses.replace(layer, site=bound_ops.stacked_site(layer.site, stored.shape))
+            layer = dataclasses.replace(layer, site=bound_ops.stacked_site(layer.site, bound_ops.stored_shape(stored)))
         out.append(layer)
     return tuple(out)
 

@@ -60,7 +60,7 @@ def _site(path: str, module: nnx.Module) -> tuple[Site | None, str | None]:
     kernel = getattr(module, site.kernel_name).get_value()
     try:
         # A layer of an nnx.vmap stack stores [L, *kernel]; each call inside nnx.scan sees one slice.
-        site = bound_ops.stacked_site(site, kernel.shape)
+        site = bound_ops.stacked_site(site, bound_ops.stored_shape(kernel))
     except ValueError as e:
         return None, str(e)
     bound_ops.refuse_quantized_stack(path, site.layer_type, kernel, site.num_stacked)
@@ -456,20 +456,29 @@ def quantize_nnx(model: nnx.Module, **kwargs: Any) -> nnx.Module:
     from jaxpeft.quant import QuantizedArray, quantize
 
     graphdef, state = nnx.split(model)
-    abstract = nnx.merge(graphdef, jax.eval_shape(lambda s: quantize(s, **kwargs), state))
+    given = dict(kwargs)
+    given.pop("stack_axes", None)
+    abstract = nnx.merge(graphdef, jax.eval_shape(lambda s: quantize(s, **given), state))
     wraps = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
+    stacks = {}
     for path, node in nnx.iter_graph(abstract):
         if not isinstance(node, nnx.Module):
             continue
         for name, var in vars(node).items():
             if isinstance(var, nnx.Variable) and isinstance(var.get_value(), QuantizedArray):
+                where = "/".join(map(str, (*path, name)))
                 if not (isinstance(node, wraps) and name == "kernel"):
-                    where = "/".join(map(str, (*path, name)))
                     raise TypeError(
                         f"jp.quantize would quantize {where!r} ({type(node).__name__}.{name}), which no NNX forward "
                         f"can dequantize: only the kernel of a {WRAPPABLE} layer runs quantized. Narrow `targets`"
                     )
-                _site(_path_str(path), node)  # a stacked (nnx.vmap) layer's kernel is refused, naming it
+                site, why = nnx_site(_path_str(path), node)
+                if site is not None:  # an nnx.vmap stack's kernel [L, *kernel]: each layer quantized on its own
+                    stacked = bound_ops.stacked_site(site, var.get_value().shape).num_stacked
+                    if stacked:
+                        stacks[where] = stacked
+    if "stack_axes" not in kwargs:
+        kwargs = {**kwargs, "stack_axes": stacks}
     return nnx.merge(graphdef, quantize(state, **kwargs))
 
 

@@ -75,9 +75,25 @@ class QuantizedArray:
         return len(self.shape)
 
     @property
+    def stack_shape(self) -> tuple[int, ...]:
+        """Leading axes of the children beyond one array's layout: a stack of layers, each quantized on its own.
+
+        ``quantize(..., stack_axes=k)`` quantizes each slice over the first ``k`` axes of a stacked kernel
+        (``nn.scan`` / ``nnx.vmap`` layers, ``[L, d_in, *rest]``); ``shape`` stays one layer's, so when
+        ``nn.scan`` / ``nnx.scan`` slice the children each layer holds a consistent ``QuantizedArray``.
+        ``()`` for an ordinary quantized array.
+        """
+        return tuple(int(d) for d in self.packed.shape[: max(self.packed.ndim - len(self.shape), 0)])
+
+    @property
+    def logical_shape(self) -> tuple[int, ...]:
+        """The shape of the array this stands for: ``stack_shape + shape``."""
+        return self.stack_shape + tuple(self.shape)
+
+    @property
     def num_params(self) -> int:
-        """Number of elements of the original array."""
-        return int(math.prod(self.shape))
+        """Number of elements of the original array (every layer of a stack)."""
+        return int(math.prod(self.logical_shape))
 
     size = num_params
 
@@ -291,14 +307,17 @@ def dequantize_array(q: QuantizedArray, dtype: Any = None) -> jax.Array:
       dtype: result dtype (e.g. ``jnp.bfloat16`` for the compute dtype); default the original.
 
     Returns:
-      ``[d_in, *rest]`` array of ``dtype``. Arithmetic is float32, rounded once to ``dtype``.
+      ``[*q.stack_shape, d_in, *rest]`` array of ``dtype``. Arithmetic is float32, rounded once to ``dtype``.
     """
     if not isinstance(q, QuantizedArray):
         raise TypeError(f"dequantize_array expects a QuantizedArray; got {type(q).__name__}")
     dtype = np.dtype(q.dtype if dtype is None else dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dequantize_array: dtype must be floating-point (e.g. bfloat16, float32); got {dtype.name}")
-    return _dequantize(q, dtype=dtype)
+    fn = functools.partial(_dequantize, dtype=dtype)
+    for _ in q.stack_shape:  # a stack of layers: each slice is its own quantized array
+        fn = jax.vmap(fn)
+    return fn(q)
 
 
 # Jitted so that an eager call compiles one fused program per (shape, scheme, dtype) rather than

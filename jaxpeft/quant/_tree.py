@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -88,6 +90,22 @@ def _check_target(path: str, x: Any, allow_embeddings: bool) -> str | None:
     return None
 
 
+def _stack_axes_of(stack_axes: Any, hits: set[str]) -> dict[str, int]:
+    """``{selected path: stack axes}`` from ``quantize``'s ``stack_axes`` argument, checked."""
+    def check(value: Any, where: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"quantize: stack_axes{where} must be a non-negative int; got {value!r}")
+        return int(value)
+
+    if isinstance(stack_axes, Mapping):
+        unknown = sorted(set(stack_axes) - hits)
+        if unknown:
+            raise tree_lib.SelectorError(f"quantize: stack_axes names paths the selector did not pick: {unknown[:5]}")
+        return {p: check(v, f"[{p!r}]") for p, v in stack_axes.items()}
+    k = check(stack_axes, "")
+    return {p: k for p in hits} if k else {}
+
+
 def quantize(
     params: Any,
     targets: tree_lib.Selector = default_targets,
@@ -96,6 +114,7 @@ def quantize(
     block_size: int | None = 64,
     double_quant: bool = False,
     allow_embeddings: bool = False,
+    stack_axes: int | Mapping[str, int] = 0,
 ) -> Any:
     """Replace the selected leaves of ``params`` by :class:`QuantizedArray` leaves.
 
@@ -110,6 +129,11 @@ def quantize(
       double_quant: quantize the absmax scales too (QLoRA double quantization).
       allow_embeddings: allow quantizing leaves whose path contains ``embed`` / ``norm`` and 1-D
         leaves (refused by default: QLoRA keeps them in high precision).
+      stack_axes: leading axes of each selected leaf that index a stack of layers (the kernels of an
+        ``nn.scan`` / ``nn.vmap`` / ``nnx.vmap`` stack, ``[L, d_in, *rest]``: ``stack_axes=1``). Each slice is
+        quantized on its own, so the scan hands every layer a whole ``QuantizedArray``
+        (``QuantizedArray.stack_shape``). An int for every selected leaf, or ``{path: int}`` (paths not
+        listed: 0). ``jp.quantize`` on an NNX model finds them itself.
 
     Returns:
       A tree of the same structure with ``QuantizedArray`` at the selected leaves.
@@ -123,10 +147,15 @@ def quantize(
     if block_size is not None:
         _check_block_size(block_size, scheme, "quantize: ")
     hits = set(tree_lib.select(params, targets, is_leaf=_is_leaf, what="params"))
+    stacks = _stack_axes_of(stack_axes, hits)
     problems = []
     for path, leaf in tree_lib.leaves_with_paths(params, is_leaf=_is_leaf):
         if path in hits:
             reason = _check_target(path, _value(leaf), allow_embeddings)
+            k = stacks.get(path, 0)
+            if not reason and k and np.ndim(_value(leaf)) < k + 2:
+                reason = (f"{path!r} ({_describe_leaf(_value(leaf))}) has too few axes for stack_axes={k}: a stacked "
+                          f"kernel needs {k} stack axes and then >= 2 kernel axes")
             if reason:
                 problems.append(reason)
     if problems:
@@ -143,12 +172,12 @@ def quantize(
         if path not in hits:
             return leaf
         x = _value(leaf)
-        q = quantize_array(
-            x,
-            scheme=scheme,
-            block_size=_resolve_block_size(block_size, x.shape[0], scheme),
-            double_quant=double_quant,
-        )
+        k = stacks.get(path, 0)
+        fn = functools.partial(quantize_array, scheme=scheme, double_quant=double_quant,
+                               block_size=_resolve_block_size(block_size, x.shape[k], scheme))
+        for _ in range(k):  # one QuantizedArray per layer of the stack, children stacked
+            fn = jax.vmap(fn)
+        q = fn(x)
         return leaf.replace(value=q) if tree_lib._is_nnx_variable(leaf) else q
 
     return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_leaf)
