@@ -4,7 +4,9 @@
 
 The same LoRA model (nonzero B) runs once without a mesh (the reference) and once on a 2x4 mesh
 with explicit axes (``AxisType.Explicit``, set with ``jax.set_mesh`` as flax's NNX Gemma example
-does), where the model calls its layers with ``out_sharding=``. The worker measures; the test asserts.
+does), where the model calls its layers with ``out_sharding=``. Then the other site methods (IA3,
+DoRA, LoKr, a Pfeiffer adapter) do the same, every PEFT leaf moved off its init, plus one SGD train
+step (``jp.make_train_step``). The worker measures; the test asserts.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import sys
 
 import jax
+import optax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -45,6 +48,42 @@ def build(sharded):
     return model
 
 
+# The other site methods: name -> transform (LoKr takes 2-D kernels only, so not the Einsum).
+METHODS = {
+    "ia3": lambda: jp.ia3(targets=r"(up|heads|down)$", feedforward="down$"),
+    "dora": lambda: jp.dora(rank=2, targets=r"(up|heads|down)$"),
+    "lokr": lambda: jp.lokr(rank=2, targets=r"(up|down)$"),
+    "pfeiffer": lambda: jp.pfeiffer(4, targets=r"(up|down)$"),
+}
+
+
+def build_method(peft, sharded):
+    """``peft`` on the model, every PEFT leaf moved off its init (so no update is zero)."""
+    graphdef, trainable, rest = nnx.split(jp.apply(peft, Model(nnx.Rngs(0), sharded), jax.random.key(1)), jp.PeftParam, ...)
+    leaves, treedef = jax.tree.flatten(trainable)
+    keys = jax.random.split(jax.random.key(9), len(leaves))
+    moved = [a + 0.1 * jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys)]
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, moved), rest)
+
+
+def pure(tree) -> dict:
+    return {jax.tree_util.keystr(p): np.asarray(g).tolist() for p, g in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(tree))[0]}
+
+
+def run_method(model, x):
+    """Forward, adapter gradients and the adapter leaves after one SGD step (jp.make_train_step)."""
+    out, grads = run(model, x)
+    graphdef, trainable, frozen = nnx.split(model, jp.PeftParam, ...)
+
+    def loss_fn(t, f, batch, rng):
+        return jnp.mean(nnx.merge(graphdef, t, f)(batch) ** 2)
+
+    opt = optax.sgd(0.5)
+    stepped = jp.make_train_step(loss_fn, opt)(trainable, frozen, opt.init(trainable), x, None)[0]
+    return {"out": np.asarray(out).tolist(), "out_spec": list(getattr(out.sharding, "spec", ())), "grads": grads,
+            "before": pure(trainable), "stepped": pure(stepped)}
+
+
 def loss(model, x):
     return jnp.mean(model(x) ** 2)
 
@@ -52,23 +91,25 @@ def loss(model, x):
 def run(model, x):
     out = nnx.jit(lambda m, x: m(x))(model, x)
     grads = nnx.jit(nnx.grad(loss, argnums=nnx.DiffState(0, jp.PeftParam)))(model, x)
-    flat = {jax.tree_util.keystr(p): np.asarray(g).tolist() for p, g in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(grads))[0]}
-    return out, flat
+    return out, pure(grads)
 
 
 def main(path):
     x = jax.random.normal(jax.random.key(5), (4, 3, 8))
     ref_out, ref_grads = run(build(False), x)
+    ref_methods = {name: run_method(build_method(make(), False), x) for name, make in METHODS.items()}
     mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit, AxisType.Explicit))
     with jax.set_mesh(mesh):
-        model = build(True)
         xs = jax.device_put(x, P("data", None, None))
+        methods = {name: run_method(build_method(make(), True), xs) for name, make in METHODS.items()}
+        model = build(True)
         out, grads = run(model, xs)
         facts = {
             "devices": jax.device_count(),
             "out_spec": list(out.sharding.spec),
             "mesh_axis_types": [str(t) for t in out.sharding.mesh.axis_types],
         }
+    facts.update(methods=methods, ref_methods=ref_methods)
     facts.update(
         ref_out=np.asarray(ref_out).tolist(), out=np.asarray(out).tolist(), ref_grads=ref_grads, grads=grads
     )

@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from jaxpeft.tree import Selector, check_selector
@@ -160,3 +161,23 @@ def axis_of_labels(layout: str, ndim: int) -> dict[str, int]:
     axes = {c: i for i, c in enumerate(before)}
     axes.update({c: len(before) + n_ellipsis + i for i, c in enumerate(after)})
     return axes
+
+
+def explicit_sharding(y: jax.Array) -> Any:
+    """``y``'s sharding where it lies on a mesh with explicit axes (``AxisType.Explicit``), else None."""
+    sharding = jax.typeof(y).sharding
+    if not isinstance(sharding, jax.sharding.NamedSharding) or not sharding.mesh.explicit_axes:
+        return None
+    return sharding
+
+
+def laid_out_like(fn: Callable[..., Any], y: jax.Array) -> Callable[..., Any]:
+    """``fn``, run so that on an explicit-axis mesh its result is laid out as ``y`` (else ``fn`` itself).
+
+    A method's update (LoRA's thin contractions, LoKr's Kronecker reshapes) reshapes arrays whose
+    sharding an explicit mesh cannot carry through a reshape (``ShardingTypeError``); under
+    ``jax.sharding.auto_axes`` the compiler lays those out, and the update comes back as the base
+    output is (its ``out_sharding=``), ready to be added to it.
+    """
+    explicit = explicit_sharding(y)
+    return fn if explicit is None else jax.sharding.auto_axes(fn, out_sharding=explicit)

@@ -41,7 +41,15 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from jaxpeft.methods.common import broadcast_along, check_adapter_name, check_dropout, freeze_selector, is_alpha, is_rank
+from jaxpeft.methods.common import (
+    broadcast_along,
+    check_adapter_name,
+    check_dropout,
+    freeze_selector,
+    is_alpha,
+    is_rank,
+    laid_out_like,
+)
 from jaxpeft.methods.lora import lora_delta, lora_product
 from jaxpeft.methods.protocol import PeftMethod
 from jaxpeft.methods.site import Site, float_kernel
@@ -216,7 +224,8 @@ class DoRA(PeftMethod):
         bias = base.get("bias")
         if bias is not None:
             xw = xw - broadcast_along(bias.astype(jnp.float32), site.bias_labels(bias.ndim), out, y.ndim)
-        delta = lora_delta(lora_a, lora_b, site, x, self.scale, self.dropout, rng).astype(jnp.float32)
+        delta = lambda x, a, b, rng: lora_delta(a, b, site, x, self.scale, self.dropout, rng).astype(jnp.float32)  # noqa: E731
+        delta = laid_out_like(delta, y)(x, lora_a, lora_b, rng)  # explicit-axis meshes: laid out as y
         # DoRA eq. 5 with y = xW + b: (m/n)(xW + s xAB) + b = y + (m/n - 1) xW + (m/n) s xAB.
         return (y.astype(jnp.float32) + (ratio - 1.0) * xw + ratio * delta).astype(y.dtype)
 

@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from jaxpeft.methods.common import check_adapter_name, freeze_selector, is_alpha, is_rank
+from jaxpeft.methods.common import check_adapter_name, freeze_selector, is_alpha, is_rank, laid_out_like
 from jaxpeft.methods.protocol import PeftMethod
 from jaxpeft.methods.site import Site, float_kernel, fresh_labels
 from jaxpeft.tree import Selector
@@ -248,8 +248,9 @@ class LoKr(PeftMethod):
             # The update is the kernel's size: build it and convolve (x stays the layer's own input).
             update = site.apply_kernel(x.astype(dtype), self.delta(params, site).astype(dtype))
             return y + update.astype(y.dtype)
-        update = kron_apply(x.astype(dtype), w1.astype(dtype), w2.astype(dtype), site)
-        return y + (self.scale * update).astype(y.dtype)
+        update = lambda x, w1, w2: (self.scale * kron_apply(x, w1, w2, site)).astype(y.dtype)  # noqa: E731
+        # Explicit-axis meshes: the Kronecker reshapes are left to the compiler, laid out as y.
+        return y + laid_out_like(update, y)(x.astype(dtype), w1.astype(dtype), w2.astype(dtype))
 
     def delta(self, params: Mapping[str, jax.Array], site: Site | None = None) -> jax.Array:
         """The dense update ``s kron(W1, W2)`` (for merge; never in a linear site's training step).

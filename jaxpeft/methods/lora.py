@@ -35,10 +35,12 @@ from jaxpeft.methods.common import (  # noqa: F401  (re-exported: older code imp
     caller_level,
     check_dropout,
     dtype_name,
+    explicit_sharding,
     freeze_pattern,
     freeze_selector,
     is_alpha,
     is_rank,
+    laid_out_like,
     leaf_names,
     leaf_selector,
     pattern_value,
@@ -272,12 +274,8 @@ class LoRA(PeftMethod):
         lora_a, lora_b = self._factors(params)
         scale = self.scale_at(site.path)
         delta = lambda x, a, b, rng: lora_delta(a, b, site, x, scale, self.dropout, rng).astype(y.dtype)  # noqa: E731
-        explicit = explicit_sharding(y)
-        if explicit is not None:
-            # Explicit-axis mesh: the update's thin contractions and reshapes are left to the
-            # compiler (auto axes) and come out laid out as the base output (``out_sharding=``).
-            delta = jax.sharding.auto_axes(delta, out_sharding=explicit)
-        return y + delta(x, lora_a, lora_b, rng)
+        # Explicit-axis mesh: the update comes out laid out as the base output (``out_sharding=``).
+        return y + laid_out_like(delta, y)(x, lora_a, lora_b, rng)
 
     def merge_site(
         self, params: Mapping[str, jax.Array], base: Mapping[str, Any], site: Site | None = None
@@ -360,14 +358,6 @@ def pissa_to_lora(
             f"pissa_to_lora: lora_a [*in, r] / lora_b [r, *out] and the initial factors must agree; got {shapes}"
         )
     return jnp.concatenate([lora_a, initial_a], axis=-1), jnp.concatenate([lora_b, -initial_b], axis=0)
-
-
-def explicit_sharding(y: jax.Array) -> Any:
-    """``y``'s sharding where it lies on a mesh with explicit axes (``AxisType.Explicit``), else None."""
-    sharding = jax.typeof(y).sharding
-    if not isinstance(sharding, jax.sharding.NamedSharding) or not sharding.mesh.explicit_axes:
-        return None
-    return sharding
 
 
 def lora_delta(
