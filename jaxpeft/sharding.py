@@ -478,7 +478,7 @@ def _layout_specs(layout: _Layout, base_specs: Any, rules: Rules | None, rank_ax
             out[p] = P()
         else:
             spec = table.get(p, P())
-            entries = _padded(spec, len(x.shape), p, tuple(x.shape))
+            entries = _padded(spec, len(_shape(x)), p, _shape(x))
             out[p] = _quantized_specs(x, entries) if isinstance(x, QuantizedArray) else spec
     _warn_unknown(unknown)
     return out
@@ -519,7 +519,12 @@ def _linen_specs(peft_model: Any, params: Any, base_specs: Any, rules: Rules | N
 
 
 def _shape(x: Any) -> tuple[int, ...]:
-    """The shape of an array, a ``jax.ShapeDtypeStruct`` (``jax.eval_shape`` output) or a scalar."""
+    """The shape of an array, a ``jax.ShapeDtypeStruct`` (``jax.eval_shape`` output) or a scalar.
+
+    A quantized stack of layers (``QuantizedArray.stack_shape``) has its stack axes in front, as its children do.
+    """
+    if isinstance(x, QuantizedArray):
+        return x.logical_shape
     shape = getattr(x, "shape", None)
     return tuple(shape) if shape is not None else tuple(np.shape(x))
 

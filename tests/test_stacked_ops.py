@@ -281,3 +281,20 @@ def test_nnx_stacked_mixed_batch_equals_each_example_alone(x, ids):
         with jp.use_adapters(model, ADAPTERS[k]):
             np.testing.assert_allclose(y[i : i + 1], model(x[i : i + 1]), **TOL)
     assert model.layers.query.adapter_ids is None  # the context put everything back
+
+
+def test_peft_specs_of_a_quantized_stack_follow_the_kernels_axes():
+    """A stacked 4-bit kernel's children carry the stack axis in front, so its spec entries (stack, in, out)
+    apply to packed / scales as they are; the LoRA leaves take the layer axis and the kernel's out entry."""
+    from jax.sharding import PartitionSpec as P
+
+    model = Stacked("scan")
+    base = model.init(jax.random.key(0), X)["params"]
+    qbase = jp.quantize(base, block_size=4, targets=r"layers/.*kernel$", stack_axes=1)
+    peft_model, params = jp.apply(jp.lora(rank=R, targets=TARGETS), model, jax.random.key(1), X, params=qbase)
+    base_specs = jax.tree.map(lambda x: P(), base)
+    base_specs["layers"]["query"]["kernel"] = P("layers", None, "model")
+    specs = jp.peft_specs(peft_model, params, base_specs)["layers"]["query"]
+    assert specs["kernel"].packed == P("layers", None, "model") and specs["kernel"].scales == P("layers", None, "model")
+    assert qbase["layers"]["query"]["kernel"].packed.shape[0] == L  # the entry "layers" lands on the stack axis
+    assert specs["lora_a"] == P("layers", None, None) and specs["lora_b"] == P("layers", None, "model")

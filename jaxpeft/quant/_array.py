@@ -116,7 +116,11 @@ class QuantizedArray:
         return dequantize_array(self, dtype)
 
     def __repr__(self) -> str:
+        if not hasattr(self.packed, "shape"):  # a tree of specs or shardings in the array's structure
+            return f"QuantizedArray(shape={self.shape}, packed={self.packed!r}, scales={self.scales!r})"
         dq = ", double_quant" if self.double_quant else ""
+        if self.stack_shape:
+            dq += f", stack_shape={self.stack_shape}"
         return (
             f"QuantizedArray(shape={self.shape}, dtype={np.dtype(self.dtype).name}, scheme={self.scheme!r}, "
             f"block_size={self.block_size}{dq}, {self.bits_per_param:.3f} bits/param)"
