@@ -8,8 +8,9 @@ stacks built with ``nnx.vmap`` and run with ``nnx.scan`` (the models of ``tests/
 * ``jp.quantize`` of a stacked base (``stack_axes=1`` in Linen, found by itself in NNX: each layer's
   kernel its own 4-bit array): the forward equals a float64 NumPy unrolled forward with each layer
   quantized on its own; a stack quantized as one array is refused naming the layer;
-* mixed-adapter batches: each example's output equals that example run alone with its adapter
-  (batch == L included: the ids must not be sliced by the stack).
+* mixed-adapter batches (LoRA, and DoRA + IA3, which read the base layer): each example's output
+  equals that example run alone with its adapter (batch == L included: the ids must not be sliced
+  by the stack).
 
 Tolerances: fp32 forwards of a 3-layer, 8-wide stack: 1e-5 (summing a handful of O(1) products).
 """
@@ -240,16 +241,30 @@ def test_quantize_stacked_as_one_array_is_refused_naming_the_layer():
 ADAPTERS = ("fr", "de")
 
 
-def _two_adapters():
-    return jp.lora(R, targets=TARGETS, adapter="fr"), jp.lora(3, targets=r"query$", adapter="de")
+PAIRS = {
+    "lora": lambda: (jp.lora(R, targets=TARGETS, adapter="fr"), jp.lora(3, targets=r"query$", adapter="de")),
+    # Methods that read the base layer's kernel / bias (DoRA's norm, IA3's scaled output) in a mixed batch.
+    "dora+ia3": lambda: (jp.dora(R, targets=TARGETS, adapter="fr"),
+                         jp.ia3(targets=r"query$", feedforward=None, adapter="de")),
+}
+MIXED_CASES = [
+    pytest.param("lora", X, [1, 0], id="lora-batch2"),
+    pytest.param("lora", X3, [0, 1, 1], id="lora-batch_eq_L"),
+    pytest.param("dora+ia3", X3, [0, 1, 1], id="dora+ia3-batch_eq_L"),
+]
 
 
-@pytest.mark.parametrize("x, ids", [(X, [1, 0]), (X3, [0, 1, 1])], ids=["batch2", "batch_eq_L"])
-def test_linen_stacked_mixed_batch_equals_each_example_alone(x, ids):
-    fr, de = _two_adapters()
+def _is_peft_leaf(path, leaf):
+    return any(name in path for name in ("lora_", "magnitude", "ia3"))
+
+
+@pytest.mark.parametrize("pair, x, ids", MIXED_CASES)
+def test_linen_stacked_mixed_batch_equals_each_example_alone(pair, x, ids):
+    fr, de = PAIRS[pair]()
     peft_model, params = jp.apply(fr, Stacked("scan"), jax.random.key(0), X)
     peft_model, params = jp.add_adapter(peft_model, de, jax.random.key(2), params=params)
-    params = randomize(params, lambda path, leaf: "lora_" in path, jax.random.key(4))
+    assert len(jp.paths(jp.prune(jp.partition(params, _is_peft_leaf)[0]))) == {"lora": 6, "dora+ia3": 7}[pair]
+    params = randomize(params, _is_peft_leaf, jax.random.key(4), scale=0.1)
     ids = jnp.array(ids)
     y = jax.jit(lambda p, x, i: peft_model.apply(p, x, adapters=ADAPTERS, adapter_ids=i))(params, x, ids)
     for i, k in enumerate(np.asarray(ids)):
@@ -258,15 +273,15 @@ def test_linen_stacked_mixed_batch_equals_each_example_alone(x, ids):
     assert not np.allclose(peft_model.apply(params, x, adapters="fr"), peft_model.apply(params, x, adapters="de"))
 
 
-@pytest.mark.parametrize("x, ids", [(X, [1, 0]), (X3, [0, 1, 1])], ids=["batch2", "batch_eq_L"])
-def test_nnx_stacked_mixed_batch_equals_each_example_alone(x, ids):
-    fr, de = _two_adapters()
+@pytest.mark.parametrize("pair, x, ids", MIXED_CASES)
+def test_nnx_stacked_mixed_batch_equals_each_example_alone(pair, x, ids):
+    fr, de = PAIRS[pair]()
     model = jp.apply(fr, NnxStacked(nnx.Rngs(0)), jax.random.key(1))
     model = jp.add_adapter(model, de, jax.random.key(2))
     state = nnx.state(model, jp.PeftParam)
     leaves, treedef = jax.tree.flatten(state)
     keys = jax.random.split(jax.random.key(4), len(leaves))
-    nnx.update(model, jax.tree.unflatten(treedef, [a + 0.3 * jax.random.normal(k, a.shape) for k, a in zip(keys, leaves)]))
+    nnx.update(model, jax.tree.unflatten(treedef, [a + 0.1 * jax.random.normal(k, a.shape) for k, a in zip(keys, leaves)]))
     ids = jnp.array(ids)
 
     @nnx.jit
