@@ -74,34 +74,11 @@ def test_linen_scanned_compacter_equals_unrolled_outputs_and_gradients():
             np.testing.assert_allclose(g_scan["layers"]["up"][name][i], g, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
-class NnxBlock(nnx.Module):
-    def __init__(self, rngs):
-        self.up = nnx.Linear(D, D, rngs=rngs)
-
-    def __call__(self, x):
-        return self.up(x)
-
-
-class NnxStack(nnx.Module):
-    def __init__(self, rngs):
-        @nnx.split_rngs(splits=LAYERS)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def create(rngs):
-            return NnxBlock(rngs)
-
-        self.layers = create(rngs)
-
-    def __call__(self, x):
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-        def run(x, layer):
-            return layer(x)
-
-        return run(x, self.layers)
-
-
 def test_nnx_stack_refuses_shared_leaves_by_name_before_any_work():
-    model = NnxStack(nnx.Rngs(0))
+    from tests.test_scan import NnxStacked  # 3 layers of query [8 -> 16] and out [16 -> 8]
+
+    model = NnxStacked(nnx.Rngs(0))
     before = jax.tree.map(np.asarray, nnx.state(model))
-    with pytest.raises(ValueError, match=r"Compacter shares leaves.*'layers/up'.*kernel \(3, 16, 16\)"):
-        jp.apply(_peft(), model, jax.random.key(1))
+    with pytest.raises(ValueError, match=r"Compacter shares leaves.*'layers/query'.*kernel \(3, 8, 16\)"):
+        jp.apply(jp.compacter(4, reduction_factor=2, targets=r"query$"), model, jax.random.key(1))
     jax.tree.map(np.testing.assert_array_equal, nnx.state(model), before)  # the caller's model is untouched
