@@ -2,7 +2,8 @@
 stacks built with ``nnx.vmap`` and run with ``nnx.scan`` (the models of ``tests/test_scan.py``).
 
 * adapter save / restore: the restored model's outputs are bit-identical to the saved one's, in
-  both bindings, and a Linen stack's adapter loads into its NNX twin (fp32 tolerance: two programs);
+  both bindings, and a stack's adapter loads into its twin in the other binding (fp32 tolerance:
+  two programs);
 * WiSE-FT on merged stacked weights: alpha 0 is the zero-shot base and alpha 1 the fine-tuned
   merge, bit for bit; alpha 0.5 equals a float64 NumPy ``W + alpha s A_l B_l`` per layer slice;
 * ``jp.quantize`` of a stacked base (``stack_axes=1`` in Linen, found by itself in NNX: each layer's
@@ -38,8 +39,8 @@ def _linen(peft, seed=1):
     return model, peft_model, randomize(params, peft.trainable, jax.random.key(seed))
 
 
-def _nnx(peft, seed=1):
-    model = jp.apply(peft, NnxStacked(nnx.Rngs(0)), jax.random.key(0))
+def _nnx(peft, seed=1, cls=NnxStacked):
+    model = jp.apply(peft, cls(nnx.Rngs(0)), jax.random.key(0))
     state = nnx.state(model, jp.PeftParam)
     leaves, treedef = jax.tree.flatten(state)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
@@ -92,17 +93,22 @@ def test_linen_stacked_adapter_save_restore_bit_identical(method, tmp_path):
 
 def test_nnx_stacked_adapter_save_restore_bit_identical(tmp_path):
     peft = jp.lora(rank=R, targets=TARGETS)
-    model = _nnx(peft)
+    model = _nnx(peft, cls=NnxStackedHead)
     y = model(X)
     jp.save_adapter(tmp_path / "n", nnx.state(model, jp.PeftParam), config=peft, base=model)
     adapter, _ = jp.restore_adapter(tmp_path / "n", base=model, config=peft)
     assert adapter["layers"]["out"]["lora_b"].shape == (L, R, D)
-    fresh = jp.apply(peft, NnxStacked(nnx.Rngs(0)), jax.random.key(9))
+    fresh = jp.apply(peft, NnxStackedHead(nnx.Rngs(0)), jax.random.key(9))
     assert not np.array_equal(fresh(X), y)
     nnx.update(fresh, adapter)
     np.testing.assert_array_equal(fresh(X), y)
-    loaded = jp.load_adapter(tmp_path / "n", NnxStacked(nnx.Rngs(0)))
+    loaded = jp.load_adapter(tmp_path / "n", NnxStackedHead(nnx.Rngs(0)))
     np.testing.assert_array_equal(loaded(X), y)
+
+    # The same checkpoint into the Linen nn.scan twin, through the documented base check.
+    base = nnx.to_pure_dict(nnx.state(NnxStackedHead(nnx.Rngs(0)), nnx.Param))
+    linen_model, linen_params = jp.load_adapter(tmp_path / "n", Stacked("scan"), jax.random.key(3), X, params=base)
+    np.testing.assert_allclose(linen_model.apply(linen_params, X), y, **TOL)
 
 
 # -- (b) WiSE-FT -----------------------------------------------------------------------------------
