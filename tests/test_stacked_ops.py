@@ -18,6 +18,7 @@ Tolerances: fp32 forwards of a 3-layer, 8-wide stack: 1e-5 (summing a handful of
 
 import pathlib
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -319,3 +320,94 @@ def test_peft_specs_of_a_quantized_stack_follow_the_kernels_axes():
     assert specs["kernel"].packed == P("layers", None, "model") and specs["kernel"].scales == P("layers", None, "model")
     assert qbase["layers"]["query"]["kernel"].packed.shape[0] == L  # the entry "layers" lands on the stack axis
     assert specs["lora_a"] == P("layers", None, None) and specs["lora_b"] == P("layers", None, "model")
+
+
+# -- every site kind on a stack: Conv, a Gemma-style Einsum, Embed -------------------------------
+
+
+class SiteKindsBlock(nn.Module):
+    """A Conv, a heads-first Einsum (``BTD,NDH->BTNH``) and an Embed lookup, in one scanned block."""
+
+    @nn.compact
+    def __call__(self, x, _=None):
+        h = nn.Conv(4, (3,), padding="SAME", name="conv")(x)
+        heads = nn.Einsum((2, 4, 2), "BTD,NDH->BTNH", use_bias=False, name="heads")(h).reshape(h.shape)
+        return x + heads + nn.Embed(5, 4, name="embed")(jnp.array([1, 3, 0, 2, 4, 1])), None
+
+
+class SiteKinds(nn.Module):
+    unrolled: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        if self.unrolled:
+            for i in range(L):
+                x, _ = SiteKindsBlock(name=f"layers_{i}")(x)
+            return x
+        stack = nn.scan(SiteKindsBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=L)
+        return stack(name="layers")(x, None)[0]
+
+
+class NnxSiteKindsBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(4, 4, (3,), rngs=rngs)
+        self.heads = nnx.Einsum("BTD,NDH->BTNH", (2, 4, 2), rngs=rngs)  # no bias_shape: no bias
+        self.embed = nnx.Embed(5, 4, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.conv(x)
+        return x + self.heads(h).reshape(h.shape) + self.embed(jnp.array([1, 3, 0, 2, 4, 1]))
+
+
+class NnxSiteKinds(nnx.Module):
+    def __init__(self, rngs):
+        @nnx.split_rngs(splits=L)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create(rngs):
+            return NnxSiteKindsBlock(rngs)
+
+        self.layers = create(rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def run(x, layer):
+            return layer(x)
+
+        return run(x, self.layers)
+
+
+XC = jax.random.normal(jax.random.key(13), (2, 6, 4))
+SITE_KIND_METHODS = {
+    "lora": lambda: jp.lora(R, targets=r"conv|heads|embed"),
+    "ia3": lambda: jp.ia3(targets=r"conv|heads", feedforward=None),
+    "dora": lambda: jp.dora(R, targets=r"conv|heads"),
+    "lokr": lambda: jp.lokr(rank=R, targets=r"conv$"),
+}
+
+
+@pytest.mark.parametrize("name", [n if n in ("lora", "ia3") else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in SITE_KIND_METHODS])
+def test_conv_einsum_embed_stacks_equal_unrolled_and_nnx(name):
+    """Scanned == unrolled (each layer its slice), merge == unmerged, Linen == NNX, on every site kind."""
+    peft = SITE_KIND_METHODS[name]()
+    peft_model, params = jp.apply(peft, SiteKinds(), jax.random.key(1), XC)
+    params = randomize(params, peft.trainable, jax.random.key(2), scale=0.2)
+    y = peft_model.apply(params, XC)
+    twin, _ = jp.apply(peft, SiteKinds(unrolled=True), jax.random.key(1), XC)
+    np.testing.assert_allclose(twin.apply({f"layers_{i}": _slice_layer(params["layers"], i) for i in range(L)}, XC),
+                               y, **TOL)
+    assert not np.allclose(y, SiteKinds().apply({"params": jp.partition(params, peft.trainable)[1]}, XC), atol=1e-3)
+    merged = jp.merge(peft_model, params)
+    np.testing.assert_allclose(SiteKinds().apply({"params": merged}, XC), y, rtol=1e-4, atol=1e-4)
+
+    trainable, frozen = jp.partition(params, peft.trainable)
+    base = NnxSiteKinds(nnx.Rngs(0))
+    nnx.update(base, jp.prune(frozen))
+    nnx_model = jp.apply(peft, base, jax.random.key(1))
+    nnx.update(nnx_model, jp.prune(trainable))
+    np.testing.assert_allclose(nnx_model(XC), y, **TOL)
+    np.testing.assert_allclose(jp.merge(nnx_model)(XC), y, rtol=1e-4, atol=1e-4)
+
+
+def _slice_layer(tree, i):
+    return jax.tree.map(lambda a: a[i], tree)
