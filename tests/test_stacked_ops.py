@@ -359,21 +359,11 @@ class NnxSiteKindsBlock(nnx.Module):
         return x + self.heads(h).reshape(h.shape) + self.embed(jnp.array([1, 3, 0, 2, 4, 1]))
 
 
-class NnxSiteKinds(nnx.Module):
+class NnxSiteKinds(NnxStacked):
+    """``NnxStacked``'s nnx.vmap stack and nnx.scan run, over ``NnxSiteKindsBlock`` layers."""
+
     def __init__(self, rngs):
-        @nnx.split_rngs(splits=L)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def create(rngs):
-            return NnxSiteKindsBlock(rngs)
-
-        self.layers = create(rngs)
-
-    def __call__(self, x):
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-        def run(x, layer):
-            return layer(x)
-
-        return run(x, self.layers)
+        self.layers = nnx.split_rngs(splits=L)(nnx.vmap(NnxSiteKindsBlock, in_axes=(0,), out_axes=0))(rngs)
 
 
 XC = jax.random.normal(jax.random.key(13), (2, 6, 4))
