@@ -12,11 +12,15 @@ this module only answers "how should each parameter of a PEFT model be laid out 
   takes the kernel's input-axis entries plus the rank entry, ``B: [r, *out_shape]`` the rank
   entry plus the output-axis entries. The rank axis is replicated unless ``rank_axis`` names a
   mesh axis for it.
-* A ``QuantizedArray`` kernel shards like its float original: ``packed`` and ``scales`` (axis 0
-  is the input axis, in bytes or blocks) take the kernel's spec; the tiny double-quantization
-  ``scale_scales`` ``[nblocks, ceil(prod(rest) / 256)]`` and the scalar ``scale_offset`` are
-  replicated (``scale_scales``' second axis mixes every output axis in blocks of 256, so no
-  kernel entry applies to it; it is ``1 / (block_size * 256)`` of the weight).
+* A ``QuantizedArray`` kernel shards like its float original. Its children keep the kernel's
+  layout (``[*stack, *kernel]``, the blocked axis ``QuantizedArray.axis``, the layer's input axis,
+  counted in bytes or blocks), so ``packed`` and ``scales`` take the kernel's spec entry for entry:
+  a stacked ``[L, d_in, d_out]`` kernel's layer axis stays the layer axis, a heads-first Einsum
+  ``[heads, d_model, head_dim]`` blocked along ``d_model`` keeps its heads where they were. The tiny
+  double-quantization ``scale_scales`` ``[*lead, nblocks, nsb]`` and ``scale_offset`` ``[*lead]``
+  take the entries of the axes in front of the blocked one (``lead``: the stack's and the kernel's
+  own, e.g. the heads) and are replicated along the rest (``nsb`` mixes every trailing axis in
+  blocks of 256, so no kernel entry applies to it; it is ``1 / (block_size * 256)`` of the weight).
 * ``shardings(specs, mesh, params)`` turns specs into ``NamedSharding`` and checks, before any
   work, that every axis exists in the mesh and divides the dimension it shards; errors name the
   parameter path, the axis and the sizes.
@@ -293,13 +297,19 @@ def _padded(spec: P, ndim: int, where: str, shape: tuple[int, ...]) -> tuple:
 
 
 def _quantized_specs(q: QuantizedArray, kernel: tuple) -> QuantizedArray:
-    """Specs for a quantized kernel's children: packed / scales follow the kernel, the rest replicated."""
+    """Specs for a quantized kernel's children from the kernel's entries (``[*stack, *shape]``).
+
+    ``packed`` / ``scales`` have the kernel's layout (the blocked axis in bytes / blocks): its entries.
+    The double-quantization children lead with the axes before the blocked one (stack axes, then
+    ``shape[:axis]``): those entries, the rest replicated.
+    """
+    lead = P(*kernel[: len(q.stack_shape) + q.axis])
     return dataclasses.replace(
         q,
         packed=P(*kernel),
         scales=P(*kernel),
-        scale_scales=None if q.scale_scales is None else P(),
-        scale_offset=None if q.scale_offset is None else P(),
+        scale_scales=None if q.scale_scales is None else lead,
+        scale_offset=None if q.scale_offset is None else lead,
     )
 
 

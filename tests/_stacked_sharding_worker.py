@@ -83,6 +83,19 @@ def main(out_path: str) -> None:
     facts["linen_grad_diff"] = diff(grad, ref_grad)
     facts["linen_grad_lora_a_spec"] = list(grad["layers"]["attn"]["query"]["lora_a"].sharding.spec)
 
+    # -- QLoRA: the same stack with 4-bit kernels, each layer quantized on its own ---------------
+    qparams = jp.quantize(params, model=peft_model, block_size=8, double_quant=True)
+    qspecs = peft_specs(peft_model, qparams, base)  # the float kernels' specs: packed / scales follow them
+    qsh = shardings(qspecs, mesh, qparams)
+    qplaced = jax.device_put(qparams, qsh)
+    q_ref = jax.jit(peft_model.apply)(qparams, TOKENS)  # one device
+    q_out = jax.jit(peft_model.apply, in_shardings=(qsh, None))(qplaced, TOKENS)
+    kernel = qplaced["layers"]["attn"]["query"]["kernel"]
+    facts["qlora_out_diff"] = diff(q_out, q_ref)
+    facts["qlora_vs_float_diff"] = diff(q_ref, ref_out)  # quantization changed the model
+    facts["qlora_placed"] = {name: list(getattr(kernel, name).sharding.spec) for name in ("packed", "scales")}
+    facts["qlora_shards"] = sorted({tuple(s.data.shape) for s in kernel.packed.addressable_shards})
+
     # -- NNX: the same stacked weights ---------------------------------------------------------
     nnx_base = NnxLM(config, rngs=nnx.Rngs(0))
     base_params = {k: v for k, v in jp.partition(params, peft.trainable)[1].items()}

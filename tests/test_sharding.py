@@ -655,6 +655,12 @@ def test_stacked_lm_specs_follow_the_kernels_and_run_sharded_on_8_devices(tmp_pa
     assert facts["linen_grad_lora_a_spec"] == a
     assert facts["linen_out_diff"] < 1e-4 and facts["linen_grad_diff"] < 1e-5  # vs the unsharded run
     assert facts["nnx_out_diff_vs_linen"] < 1e-4
+    # QLoRA on the stack (each layer's kernel 4-bit on its own): the codes and absmax shard like the
+    # kernel, [L, d_in / 2, d_out] on (None, 'data', 'model'), and the sharded forward equals one device's.
+    d = facts["config"]["d_model"]
+    assert facts["qlora_placed"] == {"packed": [None, "data", "model"], "scales": [None, "data", "model"]}
+    assert facts["qlora_shards"] == [[2, d // 4, d // 4]]  # 2 layers, d/2 bytes over 2, d over 4
+    assert facts["qlora_out_diff"] < 1e-4 and facts["qlora_vs_float_diff"] > 1e-3
 
 
 class _HeadsFirst(nn.Module):

@@ -57,16 +57,32 @@ def apply(peft: Transform, model: Any, key: jax.Array, *args: Any, params: Any =
     raise TypeError(f"jp.apply expects a flax.linen.Module or a flax.nnx.Module, got {type(model).__name__}")
 
 
-def quantize(params: Any, *args: Any, **kwargs: Any) -> Any:
+def quantize(params: Any, *args: Any, model: PeftLinen | None = None, **kwargs: Any) -> Any:
     """4/8-bit base weights: ``jaxpeft.quant.quantize`` on a params tree, or on an NNX model.
 
     A params tree comes back with ``QuantizedArray`` leaves; an NNX model comes back as a new
     graph whose selected kernels hold them (the input is untouched). Either then goes through
     ``jp.apply`` for QLoRA. Arguments are those of ``jaxpeft.quant.quantize`` (``targets``,
-    ``scheme``, ``block_size``, ``double_quant``, ``allow_embeddings``).
+    ``scheme``, ``block_size``, ``double_quant``, ``allow_embeddings``, ``stack_axes``, ``axis``).
+
+    An NNX model's layers say how each kernel is laid out: each layer of an ``nnx.vmap`` stack is
+    quantized on its own, blocked along its input axis (``D`` of a heads-first Einsum ``NDH``).
+    A Linen params tree says nothing of its layers: pass ``model=`` the ``PeftLinen`` that
+    ``jp.apply`` made for these params and the same is read from its layers (``nn.scan`` stacks,
+    Einsum layouts); without it every kernel is blocked along axis 0, unless ``stack_axes`` /
+    ``axis`` say otherwise.
     """
     if isinstance(params, flax.nnx.Module):
+        if model is not None:
+            raise TypeError("an NNX model knows its own layers: jp.quantize(model, ...) takes no model=")
         return quantize_nnx(params, *args, **kwargs)
+    if model is not None:
+        from jaxpeft.bind.quantized import layout_of_layers
+
+        if not isinstance(model, PeftLinen):
+            raise TypeError(f"jp.quantize(params, model=...) takes the PeftLinen from jp.apply, got {type(model).__name__}")
+        targets = kwargs.get("targets", args[0] if args else None)
+        kwargs = {**layout_of_layers(model.layers, params, targets), **kwargs}
     return quant.quantize(params, *args, **kwargs)
 
 

@@ -458,9 +458,10 @@ def quantize_nnx(model: nnx.Module, **kwargs: Any) -> nnx.Module:
     graphdef, state = nnx.split(model)
     given = dict(kwargs)
     given.pop("stack_axes", None)
+    given.pop("axis", None)
     abstract = nnx.merge(graphdef, jax.eval_shape(lambda s: quantize(s, **given), state))
     wraps = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
-    stacks = {}
+    stacks, axes = {}, {}
     for path, node in nnx.iter_graph(abstract):
         if not isinstance(node, nnx.Module):
             continue
@@ -474,11 +475,15 @@ def quantize_nnx(model: nnx.Module, **kwargs: Any) -> nnx.Module:
                     )
                 site, why = nnx_site(_path_str(path), node)
                 if site is not None:  # an nnx.vmap stack's kernel [L, *kernel]: each layer quantized on its own
-                    stacked = bound_ops.stacked_site(site, var.get_value().shape).num_stacked
+                    stacked, axis = quantized.kernel_layout(bound_ops.stacked_site(site, var.get_value().shape))
                     if stacked:
                         stacks[where] = stacked
+                    if axis:  # blocked along the layer's input axis (a heads-first Einsum's D)
+                        axes[where] = axis
     if "stack_axes" not in kwargs:
         kwargs = {**kwargs, "stack_axes": stacks}
+    if "axis" not in kwargs:
+        kwargs = {**kwargs, "axis": axes}
     return nnx.merge(graphdef, quantize(state, **kwargs))
 
 

@@ -1,7 +1,10 @@
 """``QuantizedArray``: a 4-bit (or 8-bit) weight as a pytree, and its (de)quantization.
 
 A weight ``w: [d_in, *rest]`` is cut along axis 0 into blocks of ``block_size`` rows; each
-block of each output position ``rest`` has one absmax scale. Codes are nearest-value indices
+block of each output position ``rest`` has one absmax scale. A kernel whose input axis is not
+axis 0 (a heads-first Einsum kernel ``[heads, d_model, head_dim]``) is blocked along its input
+axis instead (``axis``): the axes in front of it index arrays quantized on their own, so the
+children keep the kernel's layout. Codes are nearest-value indices
 into a codebook on [-1, 1] (NF4, FP4, int4) or symmetric int8 steps. See
 ``docs/quantization.md`` for the byte layout and the bits-per-parameter accounting.
 """
@@ -58,7 +61,12 @@ class QuantizedArray:
 
     Static fields:
       shape, dtype: of the original array. scheme: ``"nf4" | "fp4" | "int4" | "int8"``.
-      block_size: rows of axis 0 per absmax scale.
+      block_size: rows of the blocked axis per absmax scale.
+      axis: the blocked axis of ``shape`` (the layer's input axis; default 0). With ``axis = k > 0``
+        the first ``k`` axes are batch axes of the quantization, each index an axis-0 quantized
+        array of its own: ``packed: [*shape[:k], ceil(shape[k] / 2), *shape[k+1:]]``, ``scales:
+        [*shape[:k], nblocks, *shape[k+1:]]``, ``scale_scales: [*shape[:k], nblocks, nsb]``,
+        ``scale_offset: [*shape[:k]]`` (after any ``stack_shape`` axes).
     """
 
     packed: jax.Array
@@ -69,6 +77,7 @@ class QuantizedArray:
     dtype: np.dtype
     scheme: str
     block_size: int
+    axis: int = 0
 
     @property
     def ndim(self) -> int:
@@ -118,7 +127,7 @@ class QuantizedArray:
     def __repr__(self) -> str:
         if not hasattr(self.packed, "shape"):  # a tree of specs or shardings in the array's structure
             return f"QuantizedArray(shape={self.shape}, packed={self.packed!r}, scales={self.scales!r})"
-        dq = ", double_quant" if self.double_quant else ""
+        dq = (f", axis={self.axis}" if self.axis else "") + (", double_quant" if self.double_quant else "")
         if self.stack_shape:
             dq += f", stack_shape={self.stack_shape}"
         return (
@@ -130,7 +139,7 @@ class QuantizedArray:
 jax.tree_util.register_dataclass(
     QuantizedArray,
     data_fields=["packed", "scales", "scale_scales", "scale_offset"],
-    meta_fields=["shape", "dtype", "scheme", "block_size"],
+    meta_fields=["shape", "dtype", "scheme", "block_size", "axis"],
 )
 
 
@@ -234,14 +243,29 @@ def _quantize(w, *, scheme: str, block_size: int, double_quant: bool):
     return packed, *_double_quantize(absmax)
 
 
+def _check_axis(axis: Any, shape: tuple[int, ...], where: str = "") -> int:
+    ok = isinstance(axis, (int, np.integer)) and not isinstance(axis, bool) and -len(shape) <= axis < len(shape)
+    if not ok:
+        raise ValueError(f"{where}axis must be an axis of the array (shape {tuple(shape)}); got {axis!r}")
+    return int(axis) % len(shape)
+
+
+def _over_leading(fn, k: int):
+    """``fn`` mapped over ``k`` leading axes of every argument (the quantization's batch axes)."""
+    for _ in range(k):
+        fn = jax.vmap(fn)
+    return fn
+
+
 def quantize_array(
     w: Any,
     *,
     scheme: str = "nf4",
     block_size: int | None = 64,
     double_quant: bool = False,
+    axis: int = 0,
 ) -> QuantizedArray:
-    """Quantize an array blockwise along axis 0.
+    """Quantize an array blockwise along ``axis`` (default 0).
 
     Blockwise absmax quantization (Dettmers et al. 2022, https://arxiv.org/abs/2110.02861) with the
     NF4 data type and optional double quantization of the scales (QLoRA, Dettmers et al. 2023,
@@ -254,6 +278,9 @@ def quantize_array(
         for one scale per output position (a block spanning all of ``d_in``).
       double_quant: quantize the absmax scales to 8 bits in blocks of 256, after subtracting
         their mean (about 0.127 instead of 0.5 bits per parameter for scales at block 64).
+      axis: the axis cut into blocks: the layer's input axis (1 for a heads-first Einsum kernel
+        ``[heads, d_model, head_dim]``). The axes before it are batch axes: each of their indices
+        is quantized on its own, as an axis-0 array.
 
     Returns:
       A :class:`QuantizedArray`; works eagerly and inside ``jax.jit``.
@@ -266,12 +293,12 @@ def quantize_array(
     _check_array(w)
     if block_size is not None:
         _check_block_size(block_size, scheme)
-    block_size = _resolve_block_size(block_size, w.shape[0], scheme)
+    axis = _check_axis(axis, tuple(w.shape))
+    block_size = _resolve_block_size(block_size, w.shape[axis], scheme)
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be a bool; got {double_quant!r}")
-    packed, scales, scale_scales, scale_offset = _quantize(
-        jnp.asarray(w), scheme=scheme, block_size=block_size, double_quant=double_quant
-    )
+    one = functools.partial(_quantize, scheme=scheme, block_size=block_size, double_quant=double_quant)
+    packed, scales, scale_scales, scale_offset = _over_leading(one, axis)(jnp.asarray(w))
     return QuantizedArray(
         packed=packed,
         scales=scales,
@@ -281,6 +308,7 @@ def quantize_array(
         dtype=np.dtype(w.dtype),
         scheme=scheme,
         block_size=block_size,
+        axis=axis,
     )
 
 
@@ -328,6 +356,20 @@ def dequantize_array(q: QuantizedArray, dtype: Any = None) -> jax.Array:
 # dispatching each step; inside an outer jit it is inlined and fused with its consumer.
 @functools.partial(jax.jit, static_argnames="dtype")
 def _dequantize(q: QuantizedArray, dtype: np.dtype) -> jax.Array:
+    if q.axis == 0:
+        return _dequantize_rows(q, dtype)
+    inner = q.shape[q.axis :]
+
+    def one(packed, scales, scale_scales, scale_offset):  # one index of the leading axes: an axis-0 array
+        part = QuantizedArray(packed=packed, scales=scales, scale_scales=scale_scales, scale_offset=scale_offset,
+                              shape=inner, dtype=q.dtype, scheme=q.scheme, block_size=q.block_size)
+        return _dequantize_rows(part, dtype)
+
+    return _over_leading(one, q.axis)(q.packed, q.scales, q.scale_scales, q.scale_offset)
+
+
+def _dequantize_rows(q: QuantizedArray, dtype: np.dtype) -> jax.Array:
+    """An axis-0 quantized array ``[d_in, *rest]`` back to ``dtype``."""
     d_in, rest = q.shape[0], q.shape[1:]
     scales = _dequantize_scales(q)  # [nb, *rest]
     nb, block = scales.shape[0], q.block_size

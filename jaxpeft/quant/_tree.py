@@ -90,17 +90,17 @@ def _check_target(path: str, x: Any, allow_embeddings: bool) -> str | None:
     return None
 
 
-def _stack_axes_of(stack_axes: Any, hits: set[str]) -> dict[str, int]:
-    """``{selected path: stack axes}`` from ``quantize``'s ``stack_axes`` argument, checked."""
+def _stack_axes_of(stack_axes: Any, hits: set[str], name: str = "stack_axes") -> dict[str, int]:
+    """``{selected path: int}`` from ``quantize``'s ``stack_axes`` (or ``axis``) argument, checked."""
     def check(value: Any, where: str) -> int:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"quantize: stack_axes{where} must be a non-negative int; got {value!r}")
+            raise ValueError(f"quantize: {name}{where} must be a non-negative int; got {value!r}")
         return int(value)
 
     if isinstance(stack_axes, Mapping):
         unknown = sorted(set(stack_axes) - hits)
         if unknown:
-            raise tree_lib.SelectorError(f"quantize: stack_axes names paths the selector did not pick: {unknown[:5]}")
+            raise tree_lib.SelectorError(f"quantize: {name} names paths the selector did not pick: {unknown[:5]}")
         return {p: check(v, f"[{p!r}]") for p, v in stack_axes.items()}
     k = check(stack_axes, "")
     return {p: k for p in hits} if k else {}
@@ -115,6 +115,7 @@ def quantize(
     double_quant: bool = False,
     allow_embeddings: bool = False,
     stack_axes: int | Mapping[str, int] = 0,
+    axis: int | Mapping[str, int] = 0,
 ) -> Any:
     """Replace the selected leaves of ``params`` by :class:`QuantizedArray` leaves.
 
@@ -134,6 +135,11 @@ def quantize(
         quantized on its own, so the scan hands every layer a whole ``QuantizedArray``
         (``QuantizedArray.stack_shape``). An int for every selected leaf, or ``{path: int}`` (paths not
         listed: 0). ``jp.quantize`` on an NNX model finds them itself.
+      axis: the axis of each layer's kernel (after its stack axes) cut into blocks: the layer's input
+        axis. 0 for ``Dense`` / ``Linear`` kernels ``[d_in, d_out]``; a heads-first Einsum kernel
+        ``[heads, d_model, head_dim]`` (``"BTD,NDH->BTNH"``) contracts axis 1. An int for every
+        selected leaf, or ``{path: int}`` (paths not listed: 0). ``jp.quantize`` on an NNX model,
+        or with ``model=`` a Linen ``PeftLinen``, finds it itself (``QuantizedArray.axis``).
 
     Returns:
       A tree of the same structure with ``QuantizedArray`` at the selected leaves.
@@ -148,6 +154,7 @@ def quantize(
         _check_block_size(block_size, scheme, "quantize: ")
     hits = set(tree_lib.select(params, targets, is_leaf=_is_leaf, what="params"))
     stacks = _stack_axes_of(stack_axes, hits)
+    axes = _stack_axes_of(axis, hits, "axis")
     problems = []
     for path, leaf in tree_lib.leaves_with_paths(params, is_leaf=_is_leaf):
         if path in hits:
@@ -156,6 +163,9 @@ def quantize(
             if not reason and k and np.ndim(_value(leaf)) < k + 2:
                 reason = (f"{path!r} ({_describe_leaf(_value(leaf))}) has too few axes for stack_axes={k}: a stacked "
                           f"kernel needs {k} stack axes and then >= 2 kernel axes")
+            if not reason and axes.get(path, 0) >= np.ndim(_value(leaf)) - k:
+                reason = (f"{path!r} ({_describe_leaf(_value(leaf))}) has no axis {axes[path]} to block after "
+                          f"its {k} stack axes")
             if reason:
                 problems.append(reason)
     if problems:
@@ -172,9 +182,9 @@ def quantize(
         if path not in hits:
             return leaf
         x = _value(leaf)
-        k = stacks.get(path, 0)
-        fn = functools.partial(quantize_array, scheme=scheme, double_quant=double_quant,
-                               block_size=_resolve_block_size(block_size, x.shape[k], scheme))
+        k, a = stacks.get(path, 0), axes.get(path, 0)
+        fn = functools.partial(quantize_array, scheme=scheme, double_quant=double_quant, axis=a,
+                               block_size=_resolve_block_size(block_size, x.shape[k + a], scheme))
         for _ in range(k):  # one QuantizedArray per layer of the stack, children stacked
             fn = jax.vmap(fn)
         q = fn(x)
