@@ -12,6 +12,10 @@ stacks built with ``nnx.vmap`` and run with ``nnx.scan`` (the models of ``tests/
 * mixed-adapter batches (LoRA, and DoRA + IA3, which read the base layer): each example's output
   equals that example run alone with its adapter (batch == L included: the ids must not be sliced
   by the stack).
+* every site kind on a stack (Conv, a heads-first Einsum, Embed): scanned == unrolled, merge ==
+  unmerged, Linen == NNX;
+* ``jp.fold`` of a reparameterised prefix (per-site and shared MLP) on a stack: each layer's folded
+  prefix equals a float64 NumPy ``tanh(E W1 + b1) W2_l + b2_l``, outputs unchanged.
 
 Tolerances: fp32 forwards of a 3-layer, 8-wide stack: 1e-5 (summing a handful of O(1) products).
 """
@@ -27,6 +31,7 @@ from flax import nnx
 
 import jaxpeft as jp
 import jaxpeft.quant as jq
+from jaxpeft.models import LinenLM, LMConfig, nnx_from_linen_params
 from tests._toy import randomize
 from tests.test_scan import TARGETS, D, L, NnxStacked, R, Stacked, X
 
@@ -401,3 +406,46 @@ def test_conv_einsum_embed_stacks_equal_unrolled_and_nnx(name):
 
 def _slice_layer(tree, i):
     return jax.tree.map(lambda a: a[i], tree)
+
+
+# -- fold: a reparameterised prefix on a stack -----------------------------------------------------
+
+LM_STACKED = LMConfig(vocab_size=16, d_model=16, num_layers=2, num_heads=2, d_ff=32, max_seq_len=16, scan_layers=True)
+LM_TOKENS = jnp.array([[1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1]])
+
+
+def _numpy_prefix(first, node, layer):
+    """float64 ``tanh(E W1 + b1) W2_l + b2_l`` for layer ``layer`` (prefix tuning's reparameterisation MLP)."""
+    f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    hidden = np.tanh(f64(first["prefix_embedding"]) @ f64(first["prefix_hidden_kernel"]) + f64(first["prefix_hidden_bias"]))
+    return hidden @ f64(node["prefix_out_kernel"][layer]) + f64(node["prefix_out_bias"][layer])
+
+
+@pytest.mark.parametrize("binding, reparam", [("linen", "per_site"), ("linen", "shared"), ("nnx", "per_site")])
+def test_fold_reparameterised_prefix_on_a_stack(binding, reparam):
+    """``jp.fold`` on an ``[L, ...]`` stack folds each layer's MLP on its own slice (NumPy per layer)."""
+    peft = jp.prefix_tuning(2, targets=r"attn/(key|value)$", reparam=reparam, reparam_hidden=8)
+    model = LinenLM(LM_STACKED)
+    peft_model, params = jp.apply(peft, model, jax.random.key(1), LM_TOKENS)
+    params = randomize(params, peft.trainable, jax.random.key(2), scale=0.2)
+    y = peft_model.apply(params, LM_TOKENS)
+    if binding == "linen":
+        folded_model, folded = jp.fold(peft_model, params)
+        out = folded_model.apply(folded, LM_TOKENS)
+    else:
+        trainable, frozen = jp.partition(params, peft.trainable)
+        nnx_model = jp.apply(peft, nnx_from_linen_params(LM_STACKED, jp.prune(frozen)), jax.random.key(1))
+        nnx.update(nnx_model, jp.prune(trainable))
+        np.testing.assert_allclose(nnx_model(LM_TOKENS), y, **TOL)
+        folded_nnx = jp.fold(nnx_model)
+        out = folded_nnx(LM_TOKENS)
+        folded = nnx.to_pure_dict(nnx.state(folded_nnx))
+    np.testing.assert_allclose(out, y, **TOL)
+    for name in ("key", "value"):
+        node = params["layers"]["attn"][name]
+        prefix = folded["layers"]["attn"][name]["prefix"]
+        assert prefix.shape == (LM_STACKED.num_layers, 2, 16)
+        for i in range(LM_STACKED.num_layers):
+            first = params["peft_shared"]["prefix_tuning@default"] if reparam == "shared" else {
+                k: node[k][i] for k in ("prefix_embedding", "prefix_hidden_kernel", "prefix_hidden_bias")}
+            np.testing.assert_allclose(prefix[i], _numpy_prefix(first, node, i), **TOL)

@@ -254,6 +254,17 @@ def unmerge(bound: Bound, merged: Mapping, adapters: Adapters = True) -> dict:
     return params
 
 
+def _fold_per_layer(method: Transform, site: Site) -> Callable:
+    """``(params, shared) -> leaves``: ``method.fold_site`` (written for one layer, like ``apply_site``) mapped
+    over a stacked site's layer axes, so each layer of an ``nn.scan`` / ``nnx.vmap`` stack folds its own
+    slice; the shared leaves (one set for every layer) are passed whole."""
+    layer = site.unstacked()
+    fn = lambda params, shared: method.fold_site(params, layer, shared)  # noqa: E731
+    for _ in range(site.num_stacked):
+        fn = jax.vmap(fn, in_axes=(0, None))
+    return fn
+
+
 def fold(bound: Bound) -> Bound:
     """Reparameterisations (prefix MLP, P-tuning encoder) replaced by the values they compute."""
     params = dict(bound.params)
@@ -264,7 +275,7 @@ def fold(bound: Bound) -> Bound:
         for m in p.methods:
             if m.foldable:  # the protocol declares fold_site on every method; only foldable ones define it
                 shared = bound.params[SHARED][m.shared_key] if m.shared_names else None
-                leaves = m.fold_site({n: node[n] for n in m.param_names}, p.site, shared)
+                leaves = _fold_per_layer(m, p.site)({n: node[n] for n in m.param_names}, shared)
                 node = {k: v for k, v in node.items() if k not in m.param_names}
                 node.update(leaves)
                 if shared is not None:
