@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +28,19 @@ from jaxpeft.tree import path_to_str
 L, R = 2, 4
 TARGETS = r"(query|value|out|up|down)$"
 TOKENS = jnp.array([[1, 5, 7, 2, 9, 3], [4, 4, 8, 1, 0, 6]])
+
+
+class HeadsFirst(nn.Module):
+    """flax's Gemma attention projections: q ``BTD,NDH->BTNH`` and o ``BTNH,NHD->BTD``."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Einsum((4, 32, 8), "BTD,NDH->BTNH", use_bias=False, name="q")(x)
+        return nn.Einsum((4, 8, 32), "BTNH,NHD->BTD", use_bias=False, name="o")(h)
+
+
+# Heads on 'model'; q's d_model (its blocked input axis) on 'data', o's output d_model on 'data'.
+HEADS_SPECS = {"q": {"kernel": P("model", "data", None)}, "o": {"kernel": P("model", None, "data")}}
 
 
 def base_spec(path: str, shape: tuple[int, ...]) -> P:
@@ -95,6 +109,23 @@ def main(out_path: str) -> None:
     facts["qlora_vs_float_diff"] = diff(q_ref, ref_out)  # quantization changed the model
     facts["qlora_placed"] = {name: list(getattr(kernel, name).sharding.spec) for name in ("packed", "scales")}
     facts["qlora_shards"] = sorted({tuple(s.data.shape) for s in kernel.packed.addressable_shards})
+
+    # -- QLoRA on heads-first Einsum kernels, blocked along their input axes --------------------
+    x = jax.random.normal(jax.random.key(3), (2, 3, 32))
+    heads = HeadsFirst()
+    heads_model, hparams = jp.apply(jp.lora(rank=R, targets="q|o"), heads, jax.random.key(0), x)
+    hparams = randomized(hparams, heads_model.trainable, jax.random.key(4))
+    hq = jp.quantize(hparams, model=heads_model, block_size=8, double_quant=True)
+    hspecs = peft_specs(heads_model, hq, HEADS_SPECS)
+    hsh = shardings(hspecs, mesh, hq)
+    hplaced = jax.device_put(hq, hsh)
+    h_ref = jax.jit(heads_model.apply)(hq, x)
+    h_out = jax.jit(heads_model.apply, in_shardings=(hsh, None))(hplaced, x)
+    facts["heads_out_diff"] = diff(h_out, h_ref)
+    facts["heads_out_scale"] = float(np.max(np.abs(np.asarray(h_ref))))
+    facts["heads_axes"] = {name: hq[name]["kernel"].axis for name in ("q", "o")}
+    facts["heads_placed"] = {f"{name}/{child}": list(getattr(hplaced[name]["kernel"], child).sharding.spec)
+                             for name in ("q", "o") for child in ("packed", "scales", "scale_scales")}
 
     # -- NNX: the same stacked weights ---------------------------------------------------------
     nnx_base = NnxLM(config, rngs=nnx.Rngs(0))

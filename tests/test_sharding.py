@@ -661,6 +661,14 @@ def test_stacked_lm_specs_follow_the_kernels_and_run_sharded_on_8_devices(tmp_pa
     assert facts["qlora_placed"] == {"packed": [None, "data", "model"], "scales": [None, "data", "model"]}
     assert facts["qlora_shards"] == [[2, d // 4, d // 4]]  # 2 layers, d/2 bytes over 2, d over 4
     assert facts["qlora_out_diff"] < 1e-4 and facts["qlora_vs_float_diff"] > 1e-3
+    # QLoRA on heads-first Einsum kernels (NDH, NHD), each blocked along its input axis (D, H): codes and
+    # absmax keep the kernel's axes, the double-quantization scales lead with the heads; sharded == one device.
+    assert facts["heads_axes"] == {"q": 1, "o": 1}
+    assert facts["heads_placed"] == {
+        "q/packed": ["model", "data", None], "q/scales": ["model", "data", None], "q/scale_scales": ["model"],
+        "o/packed": ["model", None, "data"], "o/scales": ["model", None, "data"], "o/scale_scales": ["model"],
+    }
+    assert facts["heads_out_scale"] > 0.1 and facts["heads_out_diff"] < 1e-5 * max(1.0, facts["heads_out_scale"])
 
 
 class _HeadsFirst(nn.Module):
