@@ -245,3 +245,16 @@ def test_bad_blocked_axis_and_model_are_refused_before_any_work():
         jp.quantize(params, model={})
     with pytest.raises(ValueError, match=r"axis must be an axis of the array \(shape \(8, 4\)\); got 2"):
         quant.quantize_array(params["layer"]["kernel"], axis=2)
+
+
+def test_qpissa_requantizes_the_residual_in_the_kernels_layout():
+    """PiSSA on a quantized heads-first kernel: the residual W - s A B goes back blocked along the same axis."""
+    qmodel = jp.quantize(NnxHeads(nnx.Rngs(1)), block_size=BLOCK, scheme="int8")
+    before = {name: getattr(qmodel, name).kernel.get_value() for name in EXPECTED_AXIS}
+    model = jp.apply(jp.lora(rank=2, targets=TARGETS, init="pissa"), qmodel, jax.random.key(2))
+    for name, q in before.items():
+        new = getattr(model, name).base_layer.kernel.get_value()
+        assert (new.axis, new.scheme, new.block_size, new.shape) == (q.axis, q.scheme, q.block_size, q.shape), name
+        assert not np.array_equal(np.asarray(new.packed), np.asarray(q.packed)), name  # a residual, not W
+    # Q(W - s A B) + s A B vs Q(W): the residual's int8 rounding only (|y| ~ 10)
+    np.testing.assert_allclose(model(X), jp.dequantize(qmodel)(X), rtol=2e-2, atol=5e-2)

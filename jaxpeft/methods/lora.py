@@ -241,12 +241,12 @@ class LoRA(PeftMethod):
         residual = float_kernel(base, jnp.float32) - scale * lora_product(lora_a.astype(jnp.float32),
                                                                           lora_b.astype(jnp.float32), site)
         kernel = base["kernel"]
-        from jaxpeft.quant import QuantizedArray, quantize_array
+        from jaxpeft.quant import QuantizedArray
+        from jaxpeft.quant._array import quantize_like
 
         if isinstance(kernel, QuantizedArray):
-            # QPiSSA: the residual goes back on the same 4/8-bit grid as the kernel it replaces.
-            new_kernel = quantize_array(residual.astype(kernel.dtype), scheme=kernel.scheme,
-                                        block_size=kernel.block_size, double_quant=kernel.double_quant)
+            # QPiSSA: the residual goes back on the same 4/8-bit grid (and layout) as the kernel it replaces.
+            new_kernel = quantize_like(residual.astype(kernel.dtype), kernel)
         else:
             new_kernel = residual.astype(kernel.dtype)
         return {**dict(zip(self.param_names, (lora_a, lora_b))), "kernel": new_kernel}

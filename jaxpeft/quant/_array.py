@@ -27,6 +27,7 @@ __all__ = [
     "SCALE_BLOCK_SIZE",
     "QuantizedArray",
     "quantize_array",
+    "quantize_like",
     "dequantize_array",
     "qmatmul",
     "einsum",
@@ -310,6 +311,21 @@ def quantize_array(
         block_size=block_size,
         axis=axis,
     )
+
+
+def quantize_like(w: Any, like: QuantizedArray) -> QuantizedArray:
+    """``w`` quantized in ``like``'s layout: its scheme, block size, double quantization, blocked
+    ``axis`` and stack axes (each slice on its own), e.g. a new kernel replacing a quantized one.
+
+    Args:
+      w: ``like.logical_shape`` floating-point array.
+      like: the quantized array whose layout ``w`` takes.
+    """
+    if tuple(w.shape) != tuple(like.logical_shape):
+        raise ValueError(f"quantize_like: w has shape {tuple(w.shape)}, the layout is for {like.logical_shape}")
+    fn = functools.partial(quantize_array, scheme=like.scheme, block_size=like.block_size,
+                           double_quant=like.double_quant, axis=like.axis)
+    return _over_leading(fn, len(like.stack_shape))(w)
 
 
 # ----------------------------------------------------------------------------- dequantize
