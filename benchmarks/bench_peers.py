@@ -34,13 +34,18 @@ ROW_PEERS = {row: tuple(p for p in JAX_PEERS + TORCH_PEERS if row not in NOT_DON
 LOSS_RTOL = 1e-4
 
 
-def run_peer(peer: str, row: str, path: pathlib.Path, steps: int, cache_dir: str | None = None) -> dict:
-    """One fresh process; its ``PEER_RESULT`` line parsed. ``cache_dir``: JAX's persistent compilation cache."""
+def run_peer(peer: str, row: str, path: pathlib.Path, steps: int, cache_dir: str | None = None,
+             extra_env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()) -> dict:
+    """One fresh process; its ``PEER_RESULT`` line parsed. ``cache_dir``: JAX's persistent compilation cache.
+
+    ``extra_env``: variables set for this process (an allocator or XLA setting under test); ``prefix``: a
+    command the worker runs under (``perf record ... --``)."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)  # set by the test suite; figures time optimized programs
     if cache_dir is not None:
         env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.peers.worker", peer, row, str(path), str(steps)],
+    env.update(extra_env or {})
+    proc = subprocess.run([*prefix, sys.executable, "-m", "benchmarks.peers.worker", peer, row, str(path), str(steps)],
                           capture_output=True, text=True, env=env, cwd=pathlib.Path(__file__).resolve().parent.parent)
     for line in proc.stdout.splitlines():
         if line.startswith("PEER_RESULT "):

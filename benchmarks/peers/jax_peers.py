@@ -45,6 +45,22 @@ def _timed_steps(step, state, steps: int) -> dict:
 
 def jaxpeft_linen(row: str, arrays: dict, steps: int) -> dict:
     import jax
+
+    train_step, (trainable, frozen, opt_state, batch, rng) = linen_train_step(row, arrays)
+
+    def step(state):
+        t, s = state
+        t, s, metrics = train_step(t, frozen, s, batch, rng)
+        return (t, s), metrics["loss"]
+
+    out = _timed_steps(step, (trainable, opt_state), steps)
+    out["trainable_params"] = int(sum(x.size for x in jax.tree.leaves(trainable)))
+    return out
+
+
+def linen_train_step(row: str, arrays: dict):
+    """jaxpeft's ``TrainStep`` on ``LinenLM`` for ``row``, and its arguments ``(trainable, frozen, opt_state, batch, rng)``."""
+    import jax
     import jax.numpy as jnp
 
     import jaxpeft as jp
@@ -73,16 +89,7 @@ def jaxpeft_linen(row: str, arrays: dict, steps: int) -> dict:
     def loss_fn(t, f, b, rng):
         return jp.cross_entropy(apply_fn(jp.combine(t, f), b["inputs"]), b["targets"])[0]
 
-    train_step = jp.make_train_step(loss_fn, opt)
-
-    def step(state):
-        t, s = state
-        t, s, metrics = train_step(t, frozen, s, batch, None)
-        return (t, s), metrics["loss"]
-
-    out = _timed_steps(step, (trainable, opt.init(trainable)), steps)
-    out["trainable_params"] = int(sum(x.size for x in jax.tree.leaves(trainable)))
-    return out
+    return jp.make_train_step(loss_fn, opt), (trainable, frozen, opt.init(trainable), batch, None)
 
 
 # the kernels a QLoRA row stores in NF4 (Linen and NNX paths alike)

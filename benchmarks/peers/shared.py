@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 import resource
 import sys
+import time
 
 import numpy as np
 
@@ -79,20 +80,22 @@ def load(path: str) -> dict[str, np.ndarray]:
         return {k: f[k] for k in f.files}
 
 
-def usage() -> tuple[float, float, int]:
-    """This process's (user + system CPU seconds, system CPU seconds, minor page faults) so far.
+def usage() -> tuple[float, float, int, float]:
+    """This process's (user + system CPU seconds, system CPU seconds, minor page faults) so far, and the
+    monotonic clock.
 
     Per step, these tell work from waiting on a shared machine, and a step's page faults from its math:
-    a buffer that the allocator maps fresh (``mmap``) each step faults in again page by page.
+    a buffer that the allocator maps fresh (``mmap``) each step faults in again page by page. The clock
+    places each step in a ``perf record -k CLOCK_MONOTONIC`` profile (``benchmarks/peers/profile.py``).
     """
     u = resource.getrusage(resource.RUSAGE_SELF)
-    return u.ru_utime + u.ru_stime, u.ru_stime, u.ru_minflt
+    return u.ru_utime + u.ru_stime, u.ru_stime, u.ru_minflt, time.monotonic()
 
 
-def step_usage(before: tuple[float, float, int], after: tuple[float, float, int]) -> dict:
+def step_usage(before: tuple, after: tuple) -> dict:
     """The ``usage()`` difference of one step, keyed as the worker's figures are."""
     return {"cpu_seconds": after[0] - before[0], "sys_seconds": after[1] - before[1],
-            "minor_faults": after[2] - before[2]}
+            "minor_faults": after[2] - before[2], "started_monotonic": before[3]}
 
 
 def peak_rss_bytes() -> int:
