@@ -94,6 +94,30 @@ def dots_worker(which: str, shapes) -> dict:
     return out
 
 
+def faults_worker(size: int, repeats: int = 10) -> dict:
+    """What XLA:CPU does with its temp buffer each step, alone: ``posix_memalign`` of ``size`` bytes, every
+    byte written once (``memset``), ``free``. Medians per round trip: wall, system seconds, minor faults."""
+    import ctypes
+    import resource
+    import time
+
+    libc = ctypes.CDLL(None)
+    walls, systems, faults = [], [], []
+    for _ in range(repeats):
+        before, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        ptr = ctypes.c_void_p()
+        if libc.posix_memalign(ctypes.byref(ptr), 64, ctypes.c_size_t(size)) != 0:
+            raise MemoryError(f"posix_memalign({size}) failed")
+        ctypes.memset(ptr, 1, size)
+        libc.free(ptr)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        walls.append(time.perf_counter() - t)
+        systems.append(after.ru_stime - before.ru_stime)
+        faults.append(after.ru_minflt - before.ru_minflt)
+    return {"seconds": statistics.median(walls), "sys_seconds": statistics.median(systems),
+            "minor_faults": statistics.median(faults)}
+
+
 def program(row: str, arrays: dict) -> dict:
     """jaxpeft-linen's compiled step on ``row``: FLOPs, temp bytes and the ops XLA:CPU emitted."""
     from benchmarks.peers.jax_peers import linen_train_step
@@ -108,7 +132,7 @@ def program(row: str, arrays: dict) -> dict:
     return {
         "flops": float(cost["flops"]), "temp_bytes": int(memory.temp_size_in_bytes),
         "argument_bytes": int(memory.argument_size_in_bytes),
-        "ynn_fusions": len(re.findall(r"= \S+ fusion\(.*kind=kCustom.*calls=%ynn_fusion", entry)),
+        "ynn_fusions": entry.count('"kind":"__ynn_fusion"'),
         "plain_dots": len(re.findall(r"= \S+ dot\(", entry)),
         "loop_fusions": len(re.findall(r"kind=kLoop", entry)),
     }
@@ -144,10 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"from {', '.join(VARIANTS)}")
     p.add_argument("--perf", action="store_true", help="perf-record each peer once (default allocator)")
     p.add_argument("--dots-worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    p.add_argument("--faults-worker", type=int, metavar="BYTES", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     shapes = QUICK_DOT_SHAPES if args.quick else DOT_SHAPES
     if args.dots_worker:
         print("DOTS " + json.dumps(dots_worker(args.dots_worker, shapes)))
+        return 0
+    if args.faults_worker:
+        print("FAULTS " + json.dumps(faults_worker(args.faults_worker)))
         return 0
     peers = args.peers.split(",")
     variants = args.variants.split(",")
@@ -165,8 +193,14 @@ def main(argv: list[str] | None = None) -> int:
         S.make(path, args.quick)
         prog = program(args.row, S.load(str(path)))
         dots: dict[str, list[dict]] = {"jax": [], "torch": []}
+        allocs: dict[str, list[dict]] = {v: [] for v in variants if v not in JAX_ONLY}
         runs: dict[tuple[str, str], list[dict]] = {}
         for _ in range(rounds):  # interleaved: a change of load hits every library and setting alike
+            for v in allocs:
+                out = subprocess.run([sys.executable, "-m", "benchmarks.peers.profile", "--faults-worker",
+                                      str(prog["temp_bytes"])], capture_output=True, text=True,
+                                     env={**env, **VARIANTS[v]}, cwd=root, check=True).stdout
+                allocs[v].append(json.loads(out.split("FAULTS ", 1)[1]))
             for which in dots:
                 out = subprocess.run([sys.executable, "-m", "benchmarks.peers.profile", "--dots-worker", which,
                                       *(["--quick"] if args.quick else [])], capture_output=True, text=True,
@@ -209,9 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in step_rows:
         base = next(b for b in step_rows if b["peer"] == r["peer"] and b["variant"] == variants[0])
         r["step_ratio_vs_first_variant"] = r["step_seconds"] / base["step_seconds"]
+    alloc_rows = [{"variant": v, **{k: statistics.median(x[k] for x in xs) for k in xs[0]}} for v, xs in allocs.items()]
     payload = {"machine": {**machine(), **_versions(), "load_average": os.getloadavg()},
                "command": "python -m benchmarks.peers.profile " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "row": args.row, "rounds": rounds, "steps": steps, "program": prog, "dots": dot_rows,
+               "row": args.row, "rounds": rounds, "steps": steps, "program": prog, "temp_buffer_alone": alloc_rows,
+               "dots": dot_rows,
                "steps_by_variant": step_rows, "perf": profiles}
     write("peers_profile", payload, _markdown(payload, variants), save=not args.quick)
     return 0
@@ -225,7 +261,15 @@ def _markdown(payload: dict, variants: list[str]) -> str:
         "",
         f"**The program** (jaxpeft-linen, XLA:CPU): {prog['flops'] / 1e9:.1f} GFLOP per step, a "
         f"{prog['temp_bytes'] / 2**20:.1f} MiB temp buffer (arguments {prog['argument_bytes'] / 2**20:.1f} MiB), "
-        f"{prog['ynn_fusions']} YNNPACK fusions, {prog['plain_dots']} dots left to XLA, {prog['loop_fusions']} loop fusions.",
+        f"{prog['ynn_fusions']} YNNPACK fusions (dots, reductions), {prog['plain_dots']} dots left to XLA, {prog['loop_fusions']} loop fusions.",
+        "",
+        f"**The temp buffer alone** (`posix_memalign` of {prog['temp_bytes'] / 2**20:.1f} MiB, every byte written "
+        "once, `free`: what XLA:CPU does with it each step; median of 10 per process):",
+        "",
+        "| setting | round trip | system | page faults |",
+        "|---|---:|---:|---:|",
+        *(f"| {a['variant']} | {1e3 * a['seconds']:.0f} ms | {1e3 * a['sys_seconds']:.0f} ms | {a['minor_faults']:,.0f} |"
+          for a in payload["temp_buffer_alone"]),
         "",
         "**The matmuls alone** (fp32, median of 20 calls per process):",
         "",
