@@ -53,7 +53,8 @@ def run_peer(peer: str, row: str, path: pathlib.Path, steps: int, cache_dir: str
     raise RuntimeError(f"peer {peer} on row {row} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
-def measure(rows, peers_of, quick: bool, rounds: int, steps: int, cache_dir: str | None = None) -> list[dict]:
+def measure(rows, peers_of, quick: bool, rounds: int, steps: int, cache_dir: str | None = None,
+            extra_env: dict[str, str] | None = None) -> list[dict]:
     batch, seq = S.batch_shape(quick)
     with tempfile.TemporaryDirectory() as tmp:
         path = pathlib.Path(tmp) / "shared.npz"
@@ -62,7 +63,7 @@ def measure(rows, peers_of, quick: bool, rounds: int, steps: int, cache_dir: str
         for _ in range(rounds):  # interleaved: every peer once per round, so load changes hit all alike
             for row in rows:
                 for peer in peers_of[row]:
-                    r = run_peer(peer, row, path, steps, cache_dir)
+                    r = run_peer(peer, row, path, steps, cache_dir, extra_env)
                     runs.setdefault((row, peer), []).append(r)
                     print(f"{row} {peer}: first step {r['step_seconds'][0]:.2f} s, median of the rest "
                           f"{statistics.median(r['step_seconds'][1:]):.4f} s, loss after one step {r['losses'][1]:.6f}",
@@ -136,7 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-torch", action="store_true", help="only the JAX peers")
     p.add_argument("--compilation-cache", metavar="DIR", default=None,
                    help="JAX's persistent compilation cache for the JAX peers: repeated runs skip XLA compilation")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="an environment variable for every peer's process alike (e.g. an allocator setting)")
     args = p.parse_args(argv)
+    extra_env = {}
+    for item in args.env:
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            raise SystemExit(f"--env: expected NAME=VALUE, got {item!r}")
+        extra_env[name] = value
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     for r in rows:
         if r not in S.ROWS:
@@ -145,16 +154,18 @@ def main(argv: list[str] | None = None) -> int:
     peers_of = {r: tuple(p for p in ROW_PEERS[r] if (wanted is None or p in wanted)
                          and not (args.no_torch and p in TORCH_PEERS)) for r in rows}
     rounds, steps = (1, 3) if args.quick else (args.rounds, args.steps)
-    results = measure(rows, peers_of, args.quick, rounds, steps, args.compilation_cache)
+    results = measure(rows, peers_of, args.quick, rounds, steps, args.compilation_cache, extra_env)
     c = S.config(args.quick)
     batch, seq = S.batch_shape(args.quick)
     payload = {"machine": {**machine(), **_versions(), "load_average": os.getloadavg()},
                "command": "python -m benchmarks.bench_peers " + " ".join(argv if argv is not None else sys.argv[1:]),
                "config": {k: str(v) for k, v in vars(c).items()}, "batch": batch, "seq": seq,
-               "rounds": rounds, "steps": steps, "compilation_cache": args.compilation_cache, "rank": S.RANK, "alpha": S.ALPHA, "rows": results}
+               "rounds": rounds, "steps": steps, "compilation_cache": args.compilation_cache, "env": extra_env, "rank": S.RANK, "alpha": S.ALPHA, "rows": results}
     text = (f"Reference LM ({c.num_layers} layers, d_model {c.d_model}, d_ff {c.d_ff}, vocab {c.vocab_size}), "
             f"batch {batch} x {seq}, fp32, AdamW, LoRA r={S.RANK}; {rounds} interleaved rounds of {steps} steps, "
-            f"each peer in its own process; load average {payload['machine']['load_average']}.\n\n" + table(results))
+            f"each peer in its own process; load average {payload['machine']['load_average']}"
+            + (f"; every peer's environment: {' '.join(f'`{k}={v}`' for k, v in extra_env.items())}" if extra_env else "")
+            + ".\n\n" + table(results))
     write("peers", payload, text, save=not args.quick)
     if not args.quick:
         plot(results, pathlib.Path(__file__).resolve().parent / "results" / "peers.png")
