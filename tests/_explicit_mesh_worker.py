@@ -5,7 +5,7 @@
 The same LoRA model (nonzero B) runs once without a mesh (the reference) and once on a 2x4 mesh
 with explicit axes (``AxisType.Explicit``, set with ``jax.set_mesh`` as flax's NNX Gemma example
 does), where the model calls its layers with ``out_sharding=``. Then the other site methods (IA3,
-DoRA, LoKr, a Pfeiffer adapter) do the same, every PEFT leaf moved off its init, plus one SGD train
+DoRA, LoKr, a Pfeiffer adapter, Compacter) do the same, every PEFT leaf moved off its init, plus one SGD train
 step (``jp.make_train_step``). The worker measures; the test asserts.
 """
 
@@ -54,6 +54,7 @@ METHODS = {
     "dora": lambda: jp.dora(rank=2, targets=r"(up|heads|down)$"),
     "lokr": lambda: jp.lokr(rank=2, targets=r"(up|down)$"),
     "pfeiffer": lambda: jp.pfeiffer(4, targets=r"(up|down)$"),
+    "compacter": lambda: jp.compacter(2, bottleneck=4, targets=r"(up|down)$"),  # leaves shared by both sites
 }
 
 

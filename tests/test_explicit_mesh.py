@@ -1,4 +1,4 @@
-"""LoRA, IA3, DoRA, LoKr and a Pfeiffer adapter on an explicit-axis mesh (``AxisType.Explicit``) with
+"""LoRA, IA3, DoRA, LoKr, a Pfeiffer adapter and Compacter on an explicit-axis mesh (``AxisType.Explicit``) with
 layers called with ``out_sharding=``: the forward, the adapter gradients and one train step equal the
 run without a mesh. Runs in ONE subprocess with 8
 fake CPU devices (``XLA_FLAGS`` must be set before jax is imported)."""
@@ -47,7 +47,7 @@ def test_adapter_gradients_equal_the_unsharded_run(facts):
         np.testing.assert_allclose(np.asarray(facts["grads"][key]), np.asarray(ref), rtol=1e-4, atol=1e-5, err_msg=key)
 
 
-METHODS = ("ia3", "dora", "lokr", "pfeiffer")
+METHODS = ("ia3", "dora", "lokr", "pfeiffer", "compacter")
 # The sharded run computes the same sums split over devices and added in another order: fp32 rounding.
 CLOSE = dict(rtol=1e-4, atol=1e-5)
 
