@@ -494,8 +494,8 @@ def _scale_at(config: LoRA, path: str) -> float:
     return config.scale_at(path)
 
 
-def _lora_sites(adapter: Any, config: LoRA, name: str) -> dict[str, dict[str, jax.Array]]:
-    """``{site path: {"lora_a": [*in, r], "lora_b": [r, *out]}}`` of one adapter tree."""
+def _lora_sites(adapter: Any, config: LoRA, name: str, stack_axes: int = 0) -> dict[str, dict[str, jax.Array]]:
+    """``{site path: {"lora_a": [*stack, *in, r], "lora_b": [*stack, r, *out]}}`` of one adapter tree."""
     from jaxpeft.tree import leaves_with_paths
 
     a_name, b_name = _factor_names(config)
@@ -512,10 +512,15 @@ def _lora_sites(adapter: Any, config: LoRA, name: str) -> dict[str, dict[str, ja
         if set(leaves) != {"lora_a", "lora_b"}:
             raise ValueError(f"add_weighted_adapters: {name} has only one of {a_name} / {b_name} at {site!r}")
         a, b = leaves["lora_a"], leaves["lora_b"]
-        if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[0]:
+        k = stack_axes
+        if a.ndim < k + 2 or b.ndim < k + 2 or a.shape[:k] != b.shape[:k] or a.shape[-1] != b.shape[k]:
+            hint = ""
+            if not k and a.ndim >= 3 and b.ndim >= 3 and a.shape[0] == b.shape[0] and a.shape[-1] == b.shape[1]:
+                hint = f"; they look like the leaves of a stack of {a.shape[0]} layers: pass stack_axes=1"
+            want = "[*stack, *in, r] and [*stack, r, *out]" if k else "[*in, r] and [r, *out]"
             raise ValueError(
                 f"add_weighted_adapters: {name} at {site!r}: {a_name} {a.shape} and {b_name} {b.shape} are not "
-                "[*in, r] and [r, *out]"
+                f"{want}{hint}"
             )
     return sites
 
@@ -529,10 +534,13 @@ class _Plan:
     paths: list[str]  # every site, first-seen order
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]  # site -> (in_shape, out_shape)
     ranks: dict[str, int]  # site -> rank of the combined adapter
+    stacks: dict[str, tuple[int, ...]]  # site -> the stack axes in front of its leaves (() unstacked)
 
 
-def _plan_adapters(adapters, weights, configs, combination, rank) -> _Plan:
+def _plan_adapters(adapters, weights, configs, combination, rank, stack_axes=0) -> _Plan:
     where = "add_weighted_adapters"
+    if isinstance(stack_axes, bool) or not isinstance(stack_axes, int) or stack_axes < 0:
+        raise ValueError(f"{where}: stack_axes must be a non-negative int, got {stack_axes!r}")
     if combination not in _COMBINATIONS:
         raise ValueError(f"{where}: combination is one of {_COMBINATIONS}, got {combination!r}")
     if not isinstance(adapters, (list, tuple)) or not adapters:
@@ -553,15 +561,20 @@ def _plan_adapters(adapters, weights, configs, combination, rank) -> _Plan:
         )
     if rank is not None and combination != "svd":
         raise ValueError(f"{where}: rank= is for 'svd'; '{combination}' sets the rank itself")
-    per_adapter = [_lora_sites(a, c, f"adapter {i}") for i, (a, c) in enumerate(zip(adapters, configs))]
+    per_adapter = [_lora_sites(a, c, f"adapter {i}", stack_axes) for i, (a, c) in enumerate(zip(adapters, configs))]
     paths = list(dict.fromkeys(p for s in per_adapter for p in s))
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    stacks: dict[str, tuple[int, ...]] = {}
+    k = stack_axes
     for i, (sites, config) in enumerate(zip(per_adapter, configs)):
         for p, leaves in sites.items():
             a, b = leaves["lora_a"], leaves["lora_b"]
-            io = (tuple(a.shape[:-1]), tuple(b.shape[1:]))
+            io = (tuple(a.shape[k:-1]), tuple(b.shape[k + 1:]))
             if shapes.setdefault(p, io) != io:
                 raise ValueError(f"{where}: at {p!r} adapter {i} has in/out shapes {io}, another adapter {shapes[p]}")
+            if stacks.setdefault(p, tuple(a.shape[:k])) != tuple(a.shape[:k]):
+                raise ValueError(f"{where}: at {p!r} adapter {i} has stack axes {tuple(a.shape[:k])}, another "
+                                 f"adapter {stacks[p]}")
             if a.shape[-1] != _rank_at(config, p):
                 raise ValueError(
                     f"{where}: adapter {i} has rank {a.shape[-1]} at {p!r} but its config says {_rank_at(config, p)}"
@@ -599,35 +612,48 @@ def _plan_adapters(adapters, weights, configs, combination, rank) -> _Plan:
             if target > limits[p]:
                 raise ValueError(f"{where}: rank {target} exceeds min(d_in, d_out) = {limits[p]} at {p!r}")
             ranks[p] = target
-    return _Plan(combination, weights, configs, per_adapter, paths, shapes, ranks)
+    return _Plan(combination, weights, configs, per_adapter, paths, shapes, ranks, stacks)
 
 
 def _combine_site(plan: _Plan, path: str, new_rank: int) -> tuple[jax.Array, jax.Array]:
-    """``(lora_a [*in, new_rank], lora_b [new_rank, *out])`` at ``path``; their product (scale 1) is the combination."""
+    """``(lora_a [*stack, *in, new_rank], lora_b [*stack, new_rank, *out])`` at ``path``; their product (scale 1)
+    is the combination, layer by layer of a stack."""
     in_shape, out_shape = plan.shapes[path]
-    d_in, d_out = math.prod(in_shape), math.prod(out_shape)
+    stack = plan.stacks[path]
+    d_in, d_out, layers = math.prod(in_shape), math.prod(out_shape), math.prod(stack)
     dtype = jnp.float32
-    members = []  # (weight * scale, A [d_in, r], B [r, d_out]) of the adapters with this site
+    coefficients, a_list, b_list = [], [], []  # of the adapters with this site: w * s, A [L, d_in, r], B [L, r, d_out]
     for w, config, sites in zip(plan.weights, plan.configs, plan.sites):
         if path in sites:
             a, b = sites[path]["lora_a"], sites[path]["lora_b"]
             r = a.shape[-1]
-            members.append((w * _scale_at(config, path), a.astype(dtype).reshape(d_in, r),
-                            b.astype(dtype).reshape(r, d_out)))
-    if plan.combination == "cat":
+            coefficients.append(w * _scale_at(config, path))
+            a_list.append(a.astype(dtype).reshape(layers, d_in, r))
+            b_list.append(b.astype(dtype).reshape(layers, r, d_out))
+    combine = functools.partial(_combine_matrices, plan.combination, coefficients, new_rank=new_rank)
+    a, b = jax.vmap(combine)(a_list, b_list)  # one layer of the stack at a time (a single one when unstacked)
+    return a.reshape(*stack, *in_shape, new_rank), b.reshape(*stack, new_rank, *out_shape)
+
+
+def _combine_matrices(combination: str, coefficients: list, a_list: list, b_list: list, *,
+                      new_rank: int) -> tuple[jax.Array, jax.Array]:
+    """One layer: ``A [d_in, new_rank]``, ``B [new_rank, d_out]`` from ``A_i [d_in, r_i]``, ``B_i [r_i, d_out]``."""
+    dtype = jnp.float32
+    if combination == "cat":
         # A_cat = [w_1 s_1 A_1, w_2 s_2 A_2, ...] along the rank axis, B_cat = [B_1; B_2; ...]:
         # A_cat B_cat = sum_i w_i s_i A_i B_i exactly (HF PEFT folds the weight into A too).
-        a = jnp.concatenate([ws * a_i for ws, a_i, _ in members], axis=1)
-        b = jnp.concatenate([b_i for _, _, b_i in members], axis=0)
-    elif plan.combination == "linear":
+        a = jnp.concatenate([ws * a_i for ws, a_i in zip(coefficients, a_list)], axis=1)
+        b = jnp.concatenate(b_list, axis=0)
+    elif combination == "linear":
         # HF PEFT "linear": A = sum_i sqrt(w_i s_i) A_i and B = sum_i sqrt(w_i s_i) B_i. Their
         # product has cross terms A_i B_j: it is the weighted sum only for one adapter (or
         # adapters sharing A or B).
-        coefficients = [jnp.sqrt(jnp.asarray(ws, dtype)) for ws, _, _ in members]
-        a = sum(c * a_i for c, (_, a_i, _) in zip(coefficients, members))
-        b = sum(c * b_i for c, (_, _, b_i) in zip(coefficients, members))
+        roots = [jnp.sqrt(jnp.asarray(ws, dtype)) for ws in coefficients]
+        a = sum(c * a_i for c, a_i in zip(roots, a_list))
+        b = sum(c * b_i for c, b_i in zip(roots, b_list))
     else:
-        delta = sum(ws * jnp.matmul(a_i, b_i, precision=jax.lax.Precision.HIGHEST) for ws, a_i, b_i in members)
+        delta = sum(ws * jnp.matmul(a_i, b_i, precision=jax.lax.Precision.HIGHEST)
+                    for ws, a_i, b_i in zip(coefficients, a_list, b_list))
         # Eckart-Young: the truncated SVD is the best rank-k approximation (Frobenius norm).
         u, sv, vt = jnp.linalg.svd(delta, full_matrices=False)
         k = min(new_rank, sv.shape[0])
@@ -635,7 +661,7 @@ def _combine_site(plan: _Plan, path: str, new_rank: int) -> tuple[jax.Array, jax
     if a.shape[1] < new_rank:  # a uniform rank over the sites: zero columns change nothing
         a = jnp.pad(a, ((0, 0), (0, new_rank - a.shape[1])))
         b = jnp.pad(b, ((0, new_rank - b.shape[0]), (0, 0)))
-    return a.reshape(*in_shape, new_rank), b.reshape(new_rank, *out_shape)
+    return a, b
 
 
 def _new_config(plan: _Plan, adapter: str | None) -> tuple[LoRA, dict[str, int]]:
@@ -672,6 +698,7 @@ def add_weighted_adapters(
     combination: str = "cat",
     rank: int | None = None,
     adapter: str | None = None,
+    stack_axes: int = 0,
 ) -> tuple[dict, LoRA]:
     """A weighted combination of LoRA adapters of one model, as one new LoRA adapter.
 
@@ -704,6 +731,9 @@ def add_weighted_adapters(
       combination: ``"cat"``, ``"svd"`` or ``"linear"``.
       rank: the target rank for ``"svd"``.
       adapter: the new adapter's name (default: the first config's).
+      stack_axes: leading axes of every leaf that index a stack of layers (an ``nn.scan`` / ``nnx.vmap``
+        model's ``lora_a [L, *in, r]``, ``lora_b [L, r, *out]``: ``stack_axes=1``); each layer is combined
+        on its own.
 
     Returns:
       ``(adapter, config)``: ``adapter`` is ``{site path...: {A name: ..., B name: ...}}`` as
@@ -712,7 +742,7 @@ def add_weighted_adapters(
       ``peft_model, params = jp.apply(config, model, key, x, params=base)`` then
       ``jp.insert(params, adapter)``.
     """
-    plan = _plan_adapters(adapters, weights, configs, combination, rank)
+    plan = _plan_adapters(adapters, weights, configs, combination, rank, stack_axes)
     config, stored_ranks = _new_config(plan, adapter)
     a_name, b_name = _factor_names(config)
     dtype = jnp.dtype(plan.configs[0].param_dtype)
