@@ -45,6 +45,7 @@ def _peft():
     return jp.compacter(4, reduction_factor=2, targets=r"up$")
 
 
+@pytest.mark.slow  # ~20 s compiling two gradients on 2 cores (CI budget); the NNX refusal below stays in CI
 def test_linen_scanned_compacter_equals_unrolled_outputs_and_gradients():
     x = jax.random.normal(jax.random.key(0), (5, D))
     peft_model, params = jp.apply(_peft(), Scanned(), jax.random.key(1), x)
