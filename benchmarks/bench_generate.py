@@ -34,7 +34,7 @@ def _load_hf():
 
     path = gemma3_270m_path()
     start = time.perf_counter()
-    AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
+    AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     return time.perf_counter() - start
 
 
@@ -87,7 +87,7 @@ def main() -> None:
     ids = tokenizer.encode(prompt_text).ids
     prompt = jnp.array([ids])
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                              torch_dtype=torch.float32).eval()
+                                              dtype=torch.float32).eval()
     new = args.new_tokens
     model = GemmaLinen(config)
 
@@ -112,7 +112,7 @@ def main() -> None:
 
     def loss_fn(trainable, frozen, batch, rng):
         logits = peft_model.apply(jp.combine(trainable, frozen), batch[:, :-1])
-        return jp.cross_entropy(logits, batch[:, 1:])
+        return jp.cross_entropy(logits, batch[:, 1:])[0]
 
     step = jp.make_train_step(loss_fn, optimizer)
     jbatch = jnp.asarray(batch)

@@ -243,8 +243,9 @@ STACKED_SLOW = ("lora-rslora-patterns", "lora-pissa", "lokr", "houlsby", "prefix
 @pytest.mark.parametrize(
     "name", [pytest.param(n, marks=(pytest.mark.slow,) if n in STACKED_SLOW else ()) for n in ROWS]
 )
-def test_stacked_contract(name, stacked_base):
-    """Identity at init and Linen == NNX on ``[L, ...]`` kernels (nn.scan vs nnx.vmap + nnx.scan)."""
+def test_stacked_contract(name, stacked_base, tmp_path):
+    """Identity at init, save / restore, Linen == NNX and merge on ``[L, ...]`` kernels (nn.scan vs nnx.vmap +
+    nnx.scan); training on stacks: ``test_stacked_training_lowers_the_loss``."""
     method = ROWS[name]
     model = LinenLM(STACKED)
     peft_model, params = jp.apply(method, model, jax.random.key(1), TOKENS, params=stacked_base)
@@ -255,6 +256,12 @@ def test_stacked_contract(name, stacked_base):
         np.testing.assert_allclose(y, model.apply({"params": stacked_base}, TOKENS), rtol=1e-4, atol=1e-4)
     stacked_leaves = [x for x in jax.tree.leaves(jp.prune(trainable)) if x.ndim and x.shape[0] == STACKED.num_layers]
     assert stacked_leaves or name in ("prompt", "p-tuning"), "no PEFT leaf carries the layer axis"
+    # save / restore of the [L, ...] leaves and the config round trip
+    pure = jp.prune(_perturb(trainable))
+    jp.save_adapter(tmp_path / "adapter", pure, config=method.config())
+    restored, meta = jp.restore_adapter(tmp_path / "adapter", config=method.config())
+    jax.tree.map(np.testing.assert_array_equal, restored, jax.tree.map(np.asarray, pure))
+    assert rebuild(meta["config"]) == method
 
     nnx_base = nnx_from_linen_params(STACKED, stacked_base)
     if name in NNX_STACK_REFUSES:
@@ -287,3 +294,26 @@ def test_stacked_contract(name, stacked_base):
         back = jp.unmerge(peft_model, merged, tuned_params)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), jp.partition(back, r"kernel$")[0],
                      jp.partition(tuned_params, r"kernel$")[0])
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=() if n in ("lora", "ia3") else (pytest.mark.slow,)) for n in ROWS]
+)
+def test_stacked_training_lowers_the_loss(name, stacked_base):
+    """A few jitted Adam steps on the scanned LM's ``[L, ...]`` PEFT leaves lower the loss (Linen)."""
+    method = ROWS[name]
+    peft_model, params = jp.apply(method, LinenLM(STACKED), jax.random.key(1), TOKENS, params=stacked_base)
+    trainable, frozen = jp.partition(params, peft_model.trainable)
+    trainable = _perturb(trainable)
+
+    def loss_fn(t, f, batch, rng):
+        return jp.cross_entropy(peft_model.apply(jp.combine(t, f), batch["inputs"]), batch["targets"])[0]
+
+    opt = optax.adam(3e-2)
+    step = jp.make_train_step(loss_fn, opt, donate=False)
+    batch = {"inputs": TOKENS, "targets": TARGETS}
+    before = float(loss_fn(trainable, frozen, batch, None))
+    state, tuned = opt.init(trainable), trainable
+    for _ in range(4):
+        tuned, state, _ = step(tuned, frozen, state, batch, None)
+    assert float(loss_fn(tuned, frozen, batch, None)) < before
