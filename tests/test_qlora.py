@@ -117,9 +117,9 @@ def test_nnx_merge_of_qlora_is_a_float_model(base):
     np.testing.assert_allclose(merged(X), peft_model(X), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.slow  # ~20 s; the float demo runs in CI (tests/test_end_to_end.py)
+@pytest.mark.slow  # ~20 s; the float tiny demo runs in CI (tests/test_end_to_end.py)
 def test_demo_runs_with_nf4_base(tmp_path, capsys):
-    from jaxpeft.demo.run import main
+    from jaxpeft.demo.tiny import main  # `jaxpeft demo --model tiny`
 
     code = main(["--steps", "3", "--pretrain-steps", "3", "--cache-dir", str(tmp_path / "cache"), "--quant", "nf4",
                  "--no-progress"])
