@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpeft.methods.common import broadcast_along
-from jaxpeft.methods.lora import LoRA, lora_delta_mixed
+from jaxpeft.methods.lora import LoRA, gathers_mixed, lora_delta_mixed
 from jaxpeft.methods.site import Site
 from jaxpeft.transform import Transform
 
@@ -72,19 +72,13 @@ def mixed_call(
         return y
     if adapter_ids.shape != (x.shape[0],):
         raise ValueError(f"adapter_ids must be [batch] = [{x.shape[0]}] at {site.path!r}; got shape {adapter_ids.shape}")
-    if all(type(m) is LoRA for m in chosen) and _lora_gatherable(site):
+    if all(type(m) is LoRA for m in chosen) and gathers_mixed(site):
         by_name = {m.adapter: m for m in chosen}
         factors = [tuple(params_of(by_name[n])[k] for k in by_name[n].param_names) if n in by_name else None
                    for n in names]
         scales = [by_name[n].scale_at(site.path) if n in by_name else 0.0 for n in names]
         return y + lora_delta_mixed(factors, scales, adapter_ids, site, x).astype(y.dtype)
     return _mixed_any(chosen, params_of, shared_of, site, x, y, names, adapter_ids, base or {})
-
-
-def _lora_gatherable(site: Site) -> bool:
-    lhs, _, out = site.parts
-    rest = "".join(c for c in lhs if c not in site.in_labels)
-    return site.kind == "linear" and site.canonical and lhs.endswith(site.in_labels) and out == rest + site.out_labels
 
 
 def _pure_base(site: Site, base: Mapping[str, Any], z: jax.Array) -> jax.Array:

@@ -431,6 +431,13 @@ def lora(
     )
 
 
+def gathers_mixed(site: Site) -> bool:
+    """Whether ``lora_delta_mixed`` applies at ``site``: a linear site with trailing input and output axes."""
+    lhs, _, out = site.parts
+    rest = "".join(c for c in lhs if c not in site.in_labels)
+    return site.kind == "linear" and site.canonical and lhs.endswith(site.in_labels) and out == rest + site.out_labels
+
+
 def lora_delta_mixed(
     factors: list[tuple[jax.Array, jax.Array] | None],
     scales: list[float],
@@ -452,9 +459,7 @@ def lora_delta_mixed(
     Returns:
       ``[batch, ..., *out_shape]``.
     """
-    lhs, _, out = site.parts
-    rest = "".join(c for c in lhs if c not in site.in_labels)
-    if not (site.kind == "linear" and site.canonical and lhs.endswith(site.in_labels) and out == rest + site.out_labels):
+    if not gathers_mixed(site):
         raise ValueError(f"mixed-adapter batches need trailing input and output axes; {site.path!r} has {site.equation!r}")
     present = [f for f in factors if f is not None]
     rank = max(a.shape[-1] for a, _ in present)

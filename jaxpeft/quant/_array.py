@@ -362,10 +362,8 @@ def dequantize_array(q: QuantizedArray, dtype: Any = None) -> jax.Array:
     dtype = np.dtype(q.dtype if dtype is None else dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dequantize_array: dtype must be floating-point (e.g. bfloat16, float32); got {dtype.name}")
-    fn = functools.partial(_dequantize, dtype=dtype)
-    for _ in q.stack_shape:  # a stack of layers: each slice is its own quantized array
-        fn = jax.vmap(fn)
-    return fn(q)
+    # A stack of layers: each slice is its own quantized array.
+    return _over_leading(functools.partial(_dequantize, dtype=dtype), len(q.stack_shape))(q)
 
 
 # Jitted so that an eager call compiles one fused program per (shape, scheme, dtype) rather than

@@ -18,6 +18,7 @@ from jaxpeft.quant._array import (
     QuantizedArray,
     _check_block_size,
     _check_scheme,
+    _over_leading,
     _resolve_block_size,
     dequantize_array,
     quantize_array,
@@ -90,19 +91,19 @@ def _check_target(path: str, x: Any, allow_embeddings: bool) -> str | None:
     return None
 
 
-def _stack_axes_of(stack_axes: Any, hits: set[str], name: str = "stack_axes") -> dict[str, int]:
+def _ints_per_path(value: Any, hits: set[str], name: str) -> dict[str, int]:
     """``{selected path: int}`` from ``quantize``'s ``stack_axes`` (or ``axis``) argument, checked."""
     def check(value: Any, where: str) -> int:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"quantize: {name}{where} must be a non-negative int; got {value!r}")
         return int(value)
 
-    if isinstance(stack_axes, Mapping):
-        unknown = sorted(set(stack_axes) - hits)
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - hits)
         if unknown:
             raise tree_lib.SelectorError(f"quantize: {name} names paths the selector did not pick: {unknown[:5]}")
-        return {p: check(v, f"[{p!r}]") for p, v in stack_axes.items()}
-    k = check(stack_axes, "")
+        return {p: check(v, f"[{p!r}]") for p, v in value.items()}
+    k = check(value, "")
     return {p: k for p in hits} if k else {}
 
 
@@ -153,8 +154,8 @@ def quantize(
     if block_size is not None:
         _check_block_size(block_size, scheme, "quantize: ")
     hits = set(tree_lib.select(params, targets, is_leaf=_is_leaf, what="params"))
-    stacks = _stack_axes_of(stack_axes, hits)
-    axes = _stack_axes_of(axis, hits, "axis")
+    stacks = _ints_per_path(stack_axes, hits, "stack_axes")
+    axes = _ints_per_path(axis, hits, "axis")
     problems = []
     for path, leaf in tree_lib.leaves_with_paths(params, is_leaf=_is_leaf):
         if path in hits:
@@ -185,9 +186,7 @@ def quantize(
         k, a = stacks.get(path, 0), axes.get(path, 0)
         fn = functools.partial(quantize_array, scheme=scheme, double_quant=double_quant, axis=a,
                                block_size=_resolve_block_size(block_size, x.shape[k + a], scheme))
-        for _ in range(k):  # one QuantizedArray per layer of the stack, children stacked
-            fn = jax.vmap(fn)
-        q = fn(x)
+        q = _over_leading(fn, k)(x)  # one QuantizedArray per layer of the stack, children stacked
         return leaf.replace(value=q) if tree_lib._is_nnx_variable(leaf) else q
 
     return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_leaf)
