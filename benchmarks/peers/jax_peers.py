@@ -138,8 +138,10 @@ def _nnx_train(graphdef, trainable, frozen, arrays: dict, steps: int) -> dict:
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     opt = _optimizer()
 
+    # The frozen state and the batch are arguments, as in every other peer: closed over, they would be
+    # compile-time constants, and XLA folds a quantized base's dequantize into fp32 constant kernels.
     @jax.jit
-    def train_step(t, s):
+    def train_step(t, s, frozen, inputs, labels):
         def loss_fn(t):
             return jp.cross_entropy(nnx.merge(graphdef, t, frozen)(inputs), labels)[0]
 
@@ -148,7 +150,7 @@ def _nnx_train(graphdef, trainable, frozen, arrays: dict, steps: int) -> dict:
         return optax.apply_updates(t, updates), s, loss
 
     def step(state):
-        t, s, loss = train_step(*state)
+        t, s, loss = train_step(*state, frozen, inputs, labels)
         return (t, s), loss
 
     out = _timed_steps(step, (trainable, opt.init(trainable)), steps)
