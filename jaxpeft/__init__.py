@@ -67,7 +67,7 @@ from jaxpeft.pruning import (
     rewind,
 )
 from jaxpeft.paged import offload, paged_train_step
-from jaxpeft.quant import QuantizedArray, qmatmul_blockwise, quant_summary
+from jaxpeft.quant import QuantizedArray, qeinsum_blockwise, qmatmul_blockwise, quant_summary
 from jaxpeft.sharding import ShardingError, check_specs, optimizer_specs, param_axes, peft_specs, shardings
 from jaxpeft.task_arithmetic import (
     add_weighted_adapters,
@@ -150,6 +150,7 @@ __all__ = [
     "offload",
     "paged_train_step",
     "qmatmul_blockwise",
+    "qeinsum_blockwise",
     "distillation_loss",
     "dora",
     "evaluate",

@@ -416,6 +416,9 @@ ROWS = [
     Row("qmatmul_blockwise-float-kernel", lambda w, d: jp.qmatmul_blockwise(np.zeros((2, 3), np.float32),
                                                                             np.zeros((3, 5), np.float32)),
         TypeError, r"expects a QuantizedArray kernel; got ndarray"),
+    Row("qeinsum_blockwise-equation", lambda w, d: jp.qeinsum_blockwise("bd,dh", np.zeros((2, 64), np.float32), next(
+            q for q in jax.tree.leaves(w.quantized, is_leaf=jp.quant.is_quantized) if isinstance(q, jp.QuantizedArray))),
+        ValueError, r"qeinsum_blockwise: equation must be explicit with two operands, 'x,kernel->y'; got 'bd,dh'"),
     Row("paged_train_step-loss-not-callable", lambda w, d: jp.paged_train_step("loss", _opt()), TypeError,
         r"paged_train_step: loss_fn must be callable, got str"),
     Row("paged_train_step-optimizer", lambda w, d: jp.paged_train_step(lambda *a: 0.0, optax.adam), TypeError,

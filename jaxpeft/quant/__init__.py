@@ -6,6 +6,7 @@ Public API::
     w_hat = dequantize_array(q, jnp.bfloat16)                                # inside jit
     y = qmatmul(x, q, jnp.bfloat16)                                          # x @ dequantize(q)
     y = qmatmul_blockwise(x, q)    # same, one dequantized row block at a time (forward and backward)
+    y = qeinsum_blockwise("btd,ndh->btnh", x, q)   # any layer's einsum, the same way
     qparams = quantize(params)            # every >= 2-D float leaf named "kernel"
     print(quant_summary(qparams))         # bits per parameter, bytes saved
 
@@ -20,7 +21,7 @@ from jaxpeft.quant._array import (
     qmatmul,
     quantize_array,
 )
-from jaxpeft.quant._matmul import DEFAULT_BLOCK_BYTES, qmatmul_blockwise, row_blocks
+from jaxpeft.quant._matmul import DEFAULT_BLOCK_BYTES, qeinsum_blockwise, qmatmul_blockwise, row_blocks
 from jaxpeft.quant._codebooks import DYNAMIC_MAP, FP4_VALUES, INT4_VALUES, NF4_VALUES
 from jaxpeft.quant._tree import QuantSummary, dequantize, is_quantized, quant_summary, quantize
 
@@ -40,6 +41,7 @@ __all__ = [
     "quant_summary",
     "qmatmul",
     "qmatmul_blockwise",
+    "qeinsum_blockwise",
     "row_blocks",
     "DEFAULT_BLOCK_BYTES",
     "einsum",

@@ -1,21 +1,26 @@
-"""A matmul by a frozen quantized kernel that never holds the whole dequantized kernel.
+"""Products with a frozen quantized kernel that never hold the whole dequantized kernel.
 
 ``x @ dequantize(q)`` written plainly makes the dequantized kernel a residual of autodiff: the
 backward pass needs ``W`` for ``dx = dy W^T``, so every layer's float kernel stays alive from its
 forward matmul to its backward one, and a QLoRA step peaks at the size of the *float* model.
 
-:func:`qmatmul_blockwise` is a ``custom_vjp`` whose only residual is the quantized array itself.
-Forward and backward each run a ``lax.scan`` over row blocks of the kernel: one block is
-dequantized, multiplied and dropped before the next one is built. The two loops have different
-bodies, so XLA cannot merge them (common-subexpression elimination merged a plain "dequantize
-again in the backward" back into one kernel kept alive), and a loop body cannot be hoisted to
-the start of the step. No gradient is computed for the kernel: it is frozen, its cotangent is
-zero (QLoRA, Dettmers et al. 2023, https://arxiv.org/abs/2305.14314, section 3: gradients flow
-through the 4-bit weights to the adapters only).
+:func:`qeinsum_blockwise` (any ``einsum(equation, x, kernel)``: Dense, DenseGeneral, Einsum
+layers) and :func:`qmatmul_blockwise` (``x @ kernel``) are a ``custom_vjp`` whose only residual
+is the quantized array itself. Forward and backward each run a ``lax.scan`` over row blocks of
+the kernel's blocked axis (``q.axis``): one block is dequantized, used and dropped before the
+next one is built. Each block reads and writes its own slice of ``x``, ``y``, ``dy`` or ``dx``
+in place (dynamic slices), or adds into an accumulator when the blocked axis is contracted.
+The two loops have different bodies, so XLA cannot merge them (common-subexpression
+elimination merged a plain "dequantize again in the backward" back into one kernel kept
+alive), and a loop body cannot be hoisted to the start of the step. No gradient is computed for
+the kernel: it is frozen, its cotangent is zero (QLoRA, Dettmers et al. 2023,
+https://arxiv.org/abs/2305.14314, section 3: gradients flow through the 4-bit weights to the
+adapters only).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -26,7 +31,7 @@ import numpy as np
 
 from jaxpeft.quant._array import QuantizedArray, _accumulation_dtype, _dequantize
 
-__all__ = ["DEFAULT_BLOCK_BYTES", "qmatmul_blockwise", "row_blocks"]
+__all__ = ["DEFAULT_BLOCK_BYTES", "qeinsum_blockwise", "qmatmul_blockwise", "row_blocks"]
 
 # Bytes of one dequantized row block (in the compute dtype). 8 MiB keeps each block matmul large
 # enough for the CPU's GEMM ([tokens, 512] x [512, 4096] for a 7B attention kernel in fp32) while
@@ -35,19 +40,20 @@ DEFAULT_BLOCK_BYTES = 8 * 2**20
 
 
 def row_blocks(q: QuantizedArray, dtype: Any, block_bytes: int = DEFAULT_BLOCK_BYTES) -> int:
-    """How many row blocks :func:`qmatmul_blockwise` cuts ``q`` into (1: one plain matmul).
+    """How many row blocks :func:`qmatmul_blockwise` / :func:`qeinsum_blockwise` cut ``q`` into (1: one plain product).
 
-    At least 2 whenever ``q`` has 2 or more quantization blocks along ``d_in``.
+    At least 2 whenever ``q`` has 2 or more quantization blocks along its blocked axis (``q.axis``).
 
     A row block is a whole number of quantization blocks (so it owns its scales) and the blocks
-    divide the kernel evenly (so the packed bytes are reshaped, never copied or padded). A kernel
-    whose rows do not split into whole quantization blocks (``d_in % block_size != 0``) gets 1.
+    divide the axis evenly (so every block has one static shape). A kernel whose blocked axis does
+    not split into whole quantization blocks (``shape[axis] % block_size != 0``) gets 1.
     """
-    d_in, d_out = q.shape[0], int(math.prod(q.shape[1:]))
-    nb = q.scales.shape[0]
+    d_in = q.shape[q.axis]
+    other = int(math.prod(q.shape)) // max(d_in, 1)
+    nb = q.scales.shape[q.axis - q.ndim]
     if d_in % q.block_size or (q.scheme != "int8" and q.block_size % 2):
         return 1
-    row_bytes = d_out * np.dtype(dtype).itemsize
+    row_bytes = other * np.dtype(dtype).itemsize
     per_block = max(1, int(block_bytes // max(row_bytes * q.block_size, 1)))
     # the largest divisor of nb whose blocks hold at most `per_block` quantization blocks, and
     # never the whole kernel when it has 2 or more quantization blocks: a one-block "loop" is
@@ -57,85 +63,133 @@ def row_blocks(q: QuantizedArray, dtype: Any, block_bytes: int = DEFAULT_BLOCK_B
     return nb // best
 
 
-def _chunks(q: QuantizedArray, n: int) -> tuple[QuantizedArray, Any]:
-    """``q`` cut into ``n`` row blocks along a new leading axis (reshapes only, no copy).
+def _row_block(q: QuantizedArray, k: jax.Array, rows: int) -> QuantizedArray:
+    """Row block ``k`` (``rows`` rows of the blocked axis) of ``q``: dynamic slices of its children, no copy of the rest.
 
-    Returns a QuantizedArray whose children have a leading ``[n]`` axis and whose static shape is
-    one block's (``lax.scan`` slices the children), and the per-block static shape.
+    ``packed`` holds two codes per byte along the blocked axis (one for int8), ``scales`` and
+    ``scale_scales`` one row per quantization block; ``scale_offset`` is per array, never sliced.
     """
-    d_in, rest = q.shape[0], q.shape[1:]
-    rows = d_in // n
-    packed = q.packed.reshape(n, q.packed.shape[0] // n, *q.packed.shape[1:])
-    scales = q.scales.reshape(n, q.scales.shape[0] // n, *q.scales.shape[1:])
-    scale_scales = None
-    if q.scale_scales is not None:
-        scale_scales = q.scale_scales.reshape(n, q.scale_scales.shape[0] // n, *q.scale_scales.shape[1:])
-    stacked = QuantizedArray(
-        packed=packed,
-        scales=scales,
-        scale_scales=scale_scales,
-        scale_offset=q.scale_offset,  # one scalar for the whole kernel: a scan constant, not sliced
-        shape=(rows, *rest),
+    a = q.axis
+    per_byte = 1 if q.scheme == "int8" else 2
+    srows = rows // q.block_size
+
+    def cut(x, size):
+        return jax.lax.dynamic_slice_in_dim(x, k * size, size, axis=a)
+
+    return QuantizedArray(
+        packed=cut(q.packed, rows // per_byte),
+        scales=cut(q.scales, srows),
+        scale_scales=None if q.scale_scales is None else cut(q.scale_scales, srows),
+        scale_offset=q.scale_offset,
+        shape=(*q.shape[:a], rows, *q.shape[a + 1 :]),
         dtype=q.dtype,
         scheme=q.scheme,
         block_size=q.block_size,
-    )
-    return stacked, rows
-
-
-def _block(stacked: QuantizedArray, packed, scales, scale_scales) -> QuantizedArray:
-    return QuantizedArray(
-        packed=packed,
-        scales=scales,
-        scale_scales=scale_scales,
-        scale_offset=stacked.scale_offset,
-        shape=stacked.shape,
-        dtype=stacked.dtype,
-        scheme=stacked.scheme,
-        block_size=stacked.block_size,
+        axis=a,
     )
 
 
-def _xs(stacked: QuantizedArray) -> tuple:
-    return (stacked.packed, stacked.scales, stacked.scale_scales)
+def _parts(equation: str) -> tuple[str, str, str]:
+    operands, out = equation.replace(" ", "").split("->")
+    lhs, rhs = operands.split(",")
+    return lhs, rhs, out
 
 
-def _forward(x2: jax.Array, q: QuantizedArray, dtype: np.dtype, n: int) -> jax.Array:
-    """``x2: [m, d_in]`` -> ``[m, d_out]`` in ``dtype``, one dequantized row block at a time."""
-    d_out = int(math.prod(q.shape[1:]))
-    acc_dtype = _accumulation_dtype(dtype)
-    if n == 1:  # a kernel of one quantization block (or rows that do not split into blocks)
-        w = _dequantize(q, dtype=dtype).reshape(q.shape[0], d_out)
-        return jnp.dot(x2, w, preferred_element_type=acc_dtype).astype(dtype)
-    stacked, rows = _chunks(q, n)
-    x_blocks = x2.reshape(x2.shape[0], n, rows).transpose(1, 0, 2)  # [n, m, rows]
-
-    def body(acc, inputs):
-        xb, packed, scales, scale_scales = inputs
-        w = _dequantize(_block(stacked, packed, scales, scale_scales), dtype=dtype).reshape(rows, d_out)
-        return acc + jnp.dot(xb, w, preferred_element_type=acc_dtype), None
-
-    acc0 = jnp.zeros((x2.shape[0], d_out), acc_dtype)
-    acc, _ = jax.lax.scan(body, acc0, (x_blocks, *_xs(stacked)))
-    return acc.astype(dtype)
+def _axis_of(spec: str, label: str, ndim: int) -> int:
+    """The axis of an operand that carries ``label`` in its einsum spec (``"...d"``, ``"btd"``)."""
+    if "..." in spec:
+        head, tail = spec.split("...")
+        return head.index(label) if label in head else ndim - len(tail) + tail.index(label)
+    return spec.index(label)
 
 
-def _backward_dx(dy2: jax.Array, q: QuantizedArray, dtype: np.dtype, n: int) -> jax.Array:
-    """``dy2: [m, d_out]`` -> ``dx: [m, d_in] = dy W^T``, dequantizing ``W`` again block by block."""
-    d_in, d_out = q.shape[0], int(math.prod(q.shape[1:]))
-    acc_dtype = _accumulation_dtype(dtype)
-    if n == 1:  # XLA may merge this with the forward dequantize (optimization barriers do not stop it on CPU)
-        w = _dequantize(q, dtype=dtype).reshape(d_in, d_out)
-        return jnp.dot(dy2, w.T, preferred_element_type=acc_dtype).astype(dtype)
-    stacked, rows = _chunks(q, n)
+def _cut(x: jax.Array, axis: int, k: jax.Array, rows: int) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(x, k * rows, rows, axis=axis)
 
-    def body(carry, inputs):
-        packed, scales, scale_scales = inputs
-        w = _dequantize(_block(stacked, packed, scales, scale_scales), dtype=dtype).reshape(rows, d_out)
-        return carry, jnp.dot(carry, w.T, preferred_element_type=acc_dtype).astype(dtype)
 
-    _, dx_blocks = jax.lax.scan(body, dy2, _xs(stacked))  # [n, m, rows]
-    return dx_blocks.transpose(1, 0, 2).reshape(dy2.shape[0], d_in)
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """How one product is cut: ``n`` blocks of ``rows`` along the kernel's blocked axis, and where that axis is in x and y."""
+
+    equation: str
+    n: int
+    rows: int
+    x_axis: int | None  # None: the blocked axis is not an axis of x (an output axis of the kernel)
+    y_axis: int | None  # None: the blocked axis is summed away (contracted with x)
+    x_shape: tuple[int, ...]
+    dtype: np.dtype
+    precision: Any
+
+    def dot(self, x, w):
+        acc = _accumulation_dtype(self.dtype)
+        return jnp.einsum(self.equation, x, w, precision=self.precision, preferred_element_type=acc)
+
+    def x_block(self) -> tuple[int, ...]:
+        if self.x_axis is None:
+            return self.x_shape
+        return (*self.x_shape[: self.x_axis], self.rows, *self.x_shape[self.x_axis + 1 :])
+
+
+def _zeros_after(shape: tuple[int, ...], dtype: Any, operand: jax.Array) -> jax.Array:
+    """A zero buffer computed from ``operand``, so that it cannot exist before ``operand`` does.
+
+    A loop's zero-initialised carry depends on nothing, so XLA merges the zero buffers of every
+    layer into one and schedules each loop's copy of it early: the backward loops' copies before
+    the forward pass ends, one activation-sized buffer per layer held through the step (measured
+    on XLA:CPU, which also drops optimization barriers). ``|a| * 0`` for one finite element ``a``
+    of the operand is a zero XLA does not fold (it would be NaN for an infinite ``a``: then 0).
+    """
+    a = operand.reshape(-1)[0].astype(dtype)
+    zero = jnp.where(jnp.isfinite(a), jnp.abs(a) * 0, jnp.zeros((), dtype))
+    return jnp.broadcast_to(zero, shape)
+
+
+def _loop(plan: _Plan, shape: tuple[int, ...], dtype: Any, after: jax.Array, block, axis: int | None) -> jax.Array:
+    """``plan.n`` blocks of ``block(k, after)`` summed (``axis`` None) or written at their rows of ``axis``, in a ``lax.scan``."""
+    init = _zeros_after(shape, dtype, after)
+
+    def body(out, k):
+        part = block(k, after)
+        if axis is None:
+            return out + part, None
+        return jax.lax.dynamic_update_slice_in_dim(out, part.astype(out.dtype), k * plan.rows, axis=axis), None
+
+    out, _ = jax.lax.scan(body, init, jnp.arange(plan.n))
+    return out
+
+
+def _forward(plan: _Plan, x: jax.Array, q: QuantizedArray) -> jax.Array:
+    """``einsum(equation, x, dequantize(q))`` in the plan's dtype, one dequantized row block at a time."""
+    dtype, acc = plan.dtype, _accumulation_dtype(plan.dtype)
+    if plan.n == 1:  # a kernel of one quantization block (or an axis that does not split into blocks)
+        return plan.dot(x, _dequantize(q, dtype=dtype)).astype(dtype)
+
+    def block(k, x):  # contracted: this block's rows of x; else all of x, and this block's slice of y
+        w = _dequantize(_row_block(q, k, plan.rows), dtype=dtype)
+        return plan.dot(x if plan.x_axis is None else _cut(x, plan.x_axis, k, plan.rows), w)
+
+    out = jax.eval_shape(plan.dot, jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(q.shape, dtype))
+    y = _loop(plan, out.shape, acc if plan.y_axis is None else dtype, x, block, plan.y_axis)
+    return y.astype(dtype)
+
+
+def _backward_dx(plan: _Plan, dy: jax.Array, q: QuantizedArray) -> jax.Array:
+    """The cotangent of ``x`` through the linear map ``x -> einsum(equation, x, W)``, dequantizing ``W`` again block by block."""
+    dtype, acc = plan.dtype, _accumulation_dtype(plan.dtype)
+
+    def transpose(w, dyk, shape):
+        (dxk,) = jax.linear_transpose(lambda xk: plan.dot(xk, w), jax.ShapeDtypeStruct(shape, dtype))(dyk.astype(acc))
+        return dxk
+
+    if plan.n == 1:  # XLA may merge this with the forward dequantize (optimization barriers do not stop it on CPU)
+        return transpose(_dequantize(q, dtype=dtype), dy, plan.x_shape).astype(dtype)
+
+    def block(k, dy):  # an input axis: this block's rows of dx; else all of dx, from this block's slice of dy
+        w = _dequantize(_row_block(q, k, plan.rows), dtype=dtype)
+        return transpose(w, dy if plan.y_axis is None else _cut(dy, plan.y_axis, k, plan.rows), plan.x_block())
+
+    dx = _loop(plan, plan.x_shape, acc if plan.x_axis is None else dtype, dy, block, plan.x_axis)
+    return dx.astype(dtype)
 
 
 def _zero_cotangent(x: Any) -> Any:
@@ -146,21 +200,83 @@ def _zero_cotangent(x: Any) -> Any:
     return np.zeros(x.shape, jax.dtypes.float0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _qmatmul(x2: jax.Array, q: QuantizedArray, dtype: np.dtype, n: int) -> jax.Array:
-    return _forward(x2, q, dtype, n)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _qeinsum(plan: _Plan, x: jax.Array, q: QuantizedArray) -> jax.Array:
+    return _forward(plan, x, q)
 
 
-def _qmatmul_fwd(x2, q, dtype, n):
-    return _forward(x2, q, dtype, n), q  # the residual is the 4-bit kernel, never the float one
+def _qeinsum_fwd(plan, x, q):
+    return _forward(plan, x, q), q  # the residual is the 4-bit kernel, never the float one, never x
 
 
-def _qmatmul_bwd(dtype, n, q, dy2):
-    dx = _backward_dx(dy2.astype(dtype), q, dtype, n)
-    return dx, jax.tree.map(_zero_cotangent, q)
+def _qeinsum_bwd(plan, q, dy):
+    return _backward_dx(plan, dy, q), jax.tree.map(_zero_cotangent, q)
 
 
-_qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
+_qeinsum.defvjp(_qeinsum_fwd, _qeinsum_bwd)
+
+
+def _check(where: str, q: Any, block_bytes: Any) -> None:
+    if not isinstance(q, QuantizedArray):
+        raise TypeError(f"{where} expects a QuantizedArray kernel; got {type(q).__name__}")
+    if q.stack_shape:
+        raise ValueError(
+            f"{where}: the kernel is a stack of {q.stack_shape} quantized arrays (shape {q.logical_shape}); "
+            "pass one layer's (inside nn.scan / nnx.scan each layer sees its own slice)"
+        )
+    if not (isinstance(block_bytes, (int, np.integer)) and not isinstance(block_bytes, bool) and block_bytes > 0):
+        raise ValueError(f"{where}: block_bytes must be a positive integer; got {block_bytes!r}")
+
+
+def qeinsum_blockwise(
+    equation: str,
+    x: jax.Array,
+    q: QuantizedArray,
+    dtype: Any = None,
+    *,
+    precision: Any = None,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> jax.Array:
+    """``einsum(equation, x, dequantize(q))`` holding at most one dequantized row block of ``q``, forward and backward.
+
+    The kernel is cut along its blocked axis (``q.axis``, the axis ``quantize`` cut into absmax
+    blocks), whatever that axis is in the equation: contracted with ``x`` (the usual input axis),
+    an output axis, or an axis shared by ``x``, the kernel and ``y`` (per-head weights).
+    Differentiable in ``x`` only (``q`` is frozen: its cotangent is zero, nothing is computed for
+    it). Contracted blocks are summed in the accumulation dtype (float32 for bf16 / fp16), so the
+    result equals the plain dequantize-then-einsum to float rounding (reassociation of the sum).
+
+    Args:
+      equation: ``"x,kernel->y"`` with explicit output (``"...d,dhk->...hk"``, ``"BTD,NDH->BTNH"``).
+      x: the activations.
+      q: one layer's quantized kernel (its labels are the equation's second operand).
+      dtype: compute dtype of both operands (default ``x.dtype``).
+      precision: passed to ``jnp.einsum``.
+      block_bytes: largest dequantized row block, in bytes of ``dtype`` (default 8 MiB).
+
+    Returns:
+      ``y`` in ``dtype``.
+    """
+    where = "qeinsum_blockwise"
+    _check(where, q, block_bytes)
+    if not isinstance(equation, str) or "->" not in equation or equation.count(",") != 1:
+        raise ValueError(f"{where}: equation must be explicit with two operands, 'x,kernel->y'; got {equation!r}")
+    lhs, rhs, out = _parts(equation)
+    if len(rhs) != q.ndim or "." in rhs:
+        raise ValueError(f"{where}: equation {equation!r} names kernel axes {rhs!r} but the kernel has shape {q.shape}")
+    dtype = np.dtype(x.dtype if dtype is None else dtype)
+    x = jnp.asarray(x).astype(dtype)
+    try:
+        jax.eval_shape(functools.partial(jnp.einsum, equation), x, jax.ShapeDtypeStruct(q.shape, dtype))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: x of shape {tuple(x.shape)} does not fit {equation!r} with the kernel {q.shape}: {e}") from None
+    label = rhs[q.axis]
+    x_axis = _axis_of(lhs, label, x.ndim) if label in lhs else None
+    y_ndim = len(jax.eval_shape(functools.partial(jnp.einsum, equation), x, jax.ShapeDtypeStruct(q.shape, dtype)).shape)
+    y_axis = _axis_of(out, label, y_ndim) if label in out else None
+    n = row_blocks(q, dtype, int(block_bytes))
+    plan = _Plan(equation, n, q.shape[q.axis] // n, x_axis, y_axis, tuple(x.shape), dtype, precision)
+    return _qeinsum(plan, x, q)
 
 
 def qmatmul_blockwise(
@@ -172,31 +288,32 @@ def qmatmul_blockwise(
 ) -> jax.Array:
     """``x @ dequantize(q)`` holding at most one dequantized row block of ``q``, forward and backward.
 
-    Differentiable in ``x`` only (``q`` is frozen: its cotangent is zero, nothing is computed for
-    it). Sums the row blocks in the accumulation dtype (float32 for bf16/fp16), so the result
-    equals the plain dequantize-then-matmul to float rounding (reassociation of the sum).
+    :func:`qeinsum_blockwise` for the Dense contraction: ``x``'s last axis with the kernel's axis 0.
 
     Args:
       x: ``[..., d_in]`` activations.
-      q: ``[d_in, *rest]`` quantized kernel.
+      q: ``[d_in, *rest]`` quantized kernel, blocked along ``d_in`` (``q.axis == 0``).
       dtype: compute dtype of both operands (default ``x.dtype``).
       block_bytes: largest dequantized row block, in bytes of ``dtype`` (default 8 MiB).
 
     Returns:
       ``[..., *rest]`` in ``dtype``.
     """
-    if not isinstance(q, QuantizedArray):
-        raise TypeError(f"qmatmul_blockwise expects a QuantizedArray kernel; got {type(q).__name__}")
-    dtype = np.dtype(x.dtype if dtype is None else dtype)
+    where = "qmatmul_blockwise"
+    _check(where, q, block_bytes)
     if x.shape[-1] != q.shape[0]:
         raise ValueError(
-            f"qmatmul_blockwise: x has {x.shape[-1]} features (shape {tuple(x.shape)}) "
+            f"{where}: x has {x.shape[-1]} features (shape {tuple(x.shape)}) "
             f"but the kernel expects {q.shape[0]} (shape {q.shape})"
         )
-    if not (isinstance(block_bytes, (int, np.integer)) and block_bytes > 0):
-        raise ValueError(f"qmatmul_blockwise: block_bytes must be a positive integer; got {block_bytes!r}")
-    n = row_blocks(q, dtype, int(block_bytes))
+    if q.axis != 0:
+        raise ValueError(
+            f"{where}: the kernel is blocked along axis {q.axis} (shape {q.shape}), not the contracted axis 0; "
+            "use qeinsum_blockwise with the layer's equation"
+        )
+    dtype = np.dtype(x.dtype if dtype is None else dtype)
     lead = x.shape[:-1]
-    x2 = x.astype(dtype).reshape(-1, q.shape[0])
-    y = _qmatmul(x2, q, dtype, n)
+    x2 = x.astype(dtype).reshape(-1, q.shape[0])  # [m, d_in]: one 2-D GEMM per block, whatever x's rank
+    labels = "abcdefghjklnopqrstuvwxyz"[: q.ndim - 1]
+    y = qeinsum_blockwise(f"mi,i{labels}->m{labels}", x2, q, dtype, block_bytes=block_bytes)
     return y.reshape(*lead, *q.shape[1:])
