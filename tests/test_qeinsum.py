@@ -41,13 +41,18 @@ def _setup(shape, axis, x_shape, seed=0):
     return q, x, rng
 
 
-@pytest.mark.parametrize("block_bytes", [1, quant.DEFAULT_BLOCK_BYTES], ids=["every-block", "default"])
+# block_bytes -> the number of row blocks: one per quantization block, two, or the whole kernel (8 MiB default)
+CUTS = {"every-block": (lambda kernel_bytes: 1, lambda nb: nb), "two": (lambda kernel_bytes: kernel_bytes // 2, lambda nb: 2),
+        "whole": (lambda kernel_bytes: quant.DEFAULT_BLOCK_BYTES, lambda nb: 1)}
+
+
+@pytest.mark.parametrize("cut", list(CUTS))
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_forward_and_dx_equal_numpy_on_the_decoded_kernel(case, block_bytes):
+def test_forward_and_dx_equal_numpy_on_the_decoded_kernel(case, cut):
     _, equation, x_shape, shape, axis, dx_equation = case
     q, x, rng = _setup(shape, axis, x_shape)
-    n = quant.row_blocks(q, jnp.float32, block_bytes)
-    assert n >= 2 and n == (q.shape[axis] // BLOCK if block_bytes == 1 else 2)  # really cut into blocks
+    block_bytes, expected = CUTS[cut][0](4 * int(np.prod(shape))), CUTS[cut][1](shape[axis] // BLOCK)
+    assert quant.row_blocks(q, jnp.float32, block_bytes) == expected
     w = np_dequantize(q)
     y = jp.qeinsum_blockwise(equation, jnp.asarray(x), q, block_bytes=block_bytes)
     ref = np.einsum(equation, x.astype(np.float64), w)

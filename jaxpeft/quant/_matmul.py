@@ -1,4 +1,4 @@
-"""Products with a frozen quantized kernel that never hold the whole dequantized kernel.
+"""Products with a frozen quantized kernel that never hold more than one dequantized block of it.
 
 ``x @ dequantize(q)`` written plainly makes the dequantized kernel a residual of autodiff: the
 backward pass needs ``W`` for ``dx = dy W^T``, so every layer's float kernel stays alive from its
@@ -6,16 +6,24 @@ forward matmul to its backward one, and a QLoRA step peaks at the size of the *f
 
 :func:`qeinsum_blockwise` (any ``einsum(equation, x, kernel)``: Dense, DenseGeneral, Einsum
 layers) and :func:`qmatmul_blockwise` (``x @ kernel``) are a ``custom_vjp`` whose only residual
-is the quantized array itself. Forward and backward each run a ``lax.scan`` over row blocks of
-the kernel's blocked axis (``q.axis``): one block is dequantized, used and dropped before the
-next one is built. Each block reads and writes its own slice of ``x``, ``y``, ``dy`` or ``dx``
-in place (dynamic slices), or adds into an accumulator when the blocked axis is contracted.
-The two loops have different bodies, so XLA cannot merge them (common-subexpression
-elimination merged a plain "dequantize again in the backward" back into one kernel kept
-alive), and a loop body cannot be hoisted to the start of the step. No gradient is computed for
-the kernel: it is frozen, its cotangent is zero (QLoRA, Dettmers et al. 2023,
-https://arxiv.org/abs/2305.14314, section 3: gradients flow through the 4-bit weights to the
-adapters only).
+is the quantized array itself: the backward pass dequantizes the kernel again and computes only
+``dx``. No gradient is computed for the kernel: it is frozen, its cotangent is zero (QLoRA,
+Dettmers et al. 2023, https://arxiv.org/abs/2305.14314, section 3: gradients flow through the
+4-bit weights to the adapters only).
+
+A kernel of at most ``block_bytes`` (8 MiB) dequantized is used whole; a larger one is cut along
+its blocked axis (``q.axis``) into row blocks, and forward and backward each run a ``lax.scan``
+over them: one block is dequantized, used and dropped before the next one is built, each block
+reading and writing its own slices of ``x``, ``y``, ``dy`` or ``dx`` in place, or adding into an
+accumulator when the blocked axis is contracted.
+
+Two things XLA does would undo this, and both are prevented by tying a dequantize to the
+activation it multiplies (``_tied``: the codes OR-ed with a zero computed from ``x`` or ``dy``):
+common-subexpression elimination would merge the backward's dequantize with the forward's (one
+float kernel kept alive between them; an ``optimization_barrier`` does not survive on XLA:CPU),
+and the scheduler would hoist a dequantize that depends only on the weights to the start of the
+step (every layer's float kernel at once). Loop bodies read the layer's activations anyway; the
+loops' zero carries are computed from them for the same reason (``_zeros_after``).
 """
 
 from __future__ import annotations
@@ -42,11 +50,11 @@ DEFAULT_BLOCK_BYTES = 8 * 2**20
 def row_blocks(q: QuantizedArray, dtype: Any, block_bytes: int = DEFAULT_BLOCK_BYTES) -> int:
     """How many row blocks :func:`qmatmul_blockwise` / :func:`qeinsum_blockwise` cut ``q`` into (1: one plain product).
 
-    At least 2 whenever ``q`` has 2 or more quantization blocks along its blocked axis (``q.axis``).
-
-    A row block is a whole number of quantization blocks (so it owns its scales) and the blocks
-    divide the axis evenly (so every block has one static shape). A kernel whose blocked axis does
-    not split into whole quantization blocks (``shape[axis] % block_size != 0``) gets 1.
+    1 when the whole kernel fits ``block_bytes`` in ``dtype``. Otherwise each row block is a whole
+    number of quantization blocks (so it owns its scales), at most ``block_bytes`` where the
+    quantization blocks allow, and the blocks divide the axis evenly (so every block has one static
+    shape). A kernel whose blocked axis does not split into whole quantization blocks
+    (``shape[axis] % block_size != 0``) gets 1.
     """
     d_in = q.shape[q.axis]
     other = int(math.prod(q.shape)) // max(d_in, 1)
@@ -54,12 +62,11 @@ def row_blocks(q: QuantizedArray, dtype: Any, block_bytes: int = DEFAULT_BLOCK_B
     if d_in % q.block_size or (q.scheme != "int8" and q.block_size % 2):
         return 1
     row_bytes = other * np.dtype(dtype).itemsize
+    if d_in * row_bytes <= block_bytes:
+        return 1
     per_block = max(1, int(block_bytes // max(row_bytes * q.block_size, 1)))
-    # the largest divisor of nb whose blocks hold at most `per_block` quantization blocks, and
-    # never the whole kernel when it has 2 or more quantization blocks: a one-block "loop" is
-    # simplified away by XLA, whose CSE then merges the backward dequantize with the forward one.
-    limit = min(per_block, nb // 2) if nb > 1 else 1
-    best = max(k for k in range(1, limit + 1) if nb % k == 0)
+    # the largest divisor of nb whose blocks hold at most `per_block` quantization blocks
+    best = max(k for k in range(1, min(per_block, nb) + 1) if nb % k == 0)
     return nb // best
 
 
@@ -139,9 +146,22 @@ def _zeros_after(shape: tuple[int, ...], dtype: Any, operand: jax.Array) -> jax.
     on XLA:CPU, which also drops optimization barriers). ``|a| * 0`` for one finite element ``a``
     of the operand is a zero XLA does not fold (it would be NaN for an infinite ``a``: then 0).
     """
+    if operand.size == 0:  # nothing is computed from an empty operand
+        return jnp.zeros(shape, dtype)
     a = operand.reshape(-1)[0].astype(dtype)
     zero = jnp.where(jnp.isfinite(a), jnp.abs(a) * 0, jnp.zeros((), dtype))
     return jnp.broadcast_to(zero, shape)
+
+
+def _tied(q: QuantizedArray, operand: jax.Array) -> QuantizedArray:
+    """``q`` whose codes are OR-ed with a zero computed from ``operand``: the same values, another expression.
+
+    XLA can neither start its dequantize before ``operand`` exists (it would hoist a dequantize that
+    depends only on the weights to the start of the step, and hold every layer's float kernel) nor
+    merge the forward's dequantize with the backward's (each is tied to its own operand).
+    """
+    zero = _zeros_after((), jnp.float32, operand).astype(q.packed.dtype)
+    return dataclasses.replace(q, packed=q.packed | zero)
 
 
 def _loop(plan: _Plan, shape: tuple[int, ...], dtype: Any, after: jax.Array, block, axis: int | None) -> jax.Array:
@@ -161,8 +181,8 @@ def _loop(plan: _Plan, shape: tuple[int, ...], dtype: Any, after: jax.Array, blo
 def _forward(plan: _Plan, x: jax.Array, q: QuantizedArray) -> jax.Array:
     """``einsum(equation, x, dequantize(q))`` in the plan's dtype, one dequantized row block at a time."""
     dtype, acc = plan.dtype, _accumulation_dtype(plan.dtype)
-    if plan.n == 1:  # a kernel of one quantization block (or an axis that does not split into blocks)
-        return plan.dot(x, _dequantize(q, dtype=dtype)).astype(dtype)
+    if plan.n == 1:  # the whole kernel fits one block: dequantized after x exists, dropped after the product
+        return plan.dot(x, _dequantize(_tied(q, x), dtype=dtype)).astype(dtype)
 
     def block(k, x):  # contracted: this block's rows of x; else all of x, and this block's slice of y
         w = _dequantize(_row_block(q, k, plan.rows), dtype=dtype)
@@ -181,8 +201,8 @@ def _backward_dx(plan: _Plan, dy: jax.Array, q: QuantizedArray) -> jax.Array:
         (dxk,) = jax.linear_transpose(lambda xk: plan.dot(xk, w), jax.ShapeDtypeStruct(shape, dtype))(dyk.astype(acc))
         return dxk
 
-    if plan.n == 1:  # XLA may merge this with the forward dequantize (optimization barriers do not stop it on CPU)
-        return transpose(_dequantize(q, dtype=dtype), dy, plan.x_shape).astype(dtype)
+    if plan.n == 1:  # dequantized again, after dy exists: not the forward's expression, so never merged with it
+        return transpose(_dequantize(_tied(q, dy), dtype=dtype), dy, plan.x_shape).astype(dtype)
 
     def block(k, dy):  # an input axis: this block's rows of dx; else all of dx, from this block's slice of dy
         w = _dequantize(_row_block(q, k, plan.rows), dtype=dtype)
