@@ -2,7 +2,8 @@
 adapters (one forward per adapter on its share of the batch), for every site method.
 
 Run: ``python -m benchmarks.bench_adapters`` (or ``jaxpeft bench adapters``): the issue's shape, 8 adapters
-with one example each. Both are jitted and timed round-robin in one process; throughput is examples per second.
+with one example each, at 1, 16 and 128 tokens per example (1: one decode step of 8 requests, each with its
+own adapter). Both are jitted and timed round-robin in one process; throughput is examples per second.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks.bench_adapters")
     p.add_argument("--adapters", type=int, default=8)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--seq", default="1,16,128", help="comma-separated tokens per example")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
     p.add_argument("--quick", action="store_true", help="tiny model, 2 repeats, LoRA and IA3: checks the script runs")
@@ -63,18 +64,23 @@ def main(argv: list[str] | None = None) -> int:
     repeats = 2 if args.quick else args.repeats
     if args.quick:
         methods = [m for m in methods if m.startswith(("lora", "ia3"))] or methods[:1]
-    seq = min(args.seq, config.max_seq_len)
+    try:
+        seqs = sorted({min(int(v), config.max_seq_len) for v in args.seq.split(",") if v.strip()})
+    except ValueError:
+        p.error(f"--seq: expected comma-separated integers, got {args.seq!r}")
+    if not seqs or min(seqs) < 1:
+        p.error(f"--seq: lengths must be >= 1, got {args.seq!r}")
 
     model = LinenLM(config)
     key = jax.random.key(0)
-    x = jax.random.randint(key, (args.batch, seq), 0, config.vocab_size)
-    base = model.init(key, x)["params"]
+    base = model.init(key, jnp.zeros((1, 1), jnp.int32))["params"]
     names = tuple(f"task{i}" for i in range(args.adapters))
     ids = jnp.asarray(np.arange(args.batch) % args.adapters)
     groups = [np.flatnonzero(np.asarray(ids) == i) for i in range(args.adapters)]
     rows = []
-    for method in methods:
+    for method, seq in [(m, n) for m in methods for n in seqs]:
         label, make = METHODS[method]
+        x = jax.random.randint(jax.random.key(seq), (args.batch, seq), 0, config.vocab_size)
         peft_model, params = _bound(model, make, names, x, base)
         mixed = jax.jit(lambda p, x, ids, m=peft_model: m.apply(p, x, adapters=names, adapter_ids=ids))
         per_adapter = {n: jax.jit(lambda p, x, n=n, m=peft_model: m.apply(p, x, adapters=n)) for n in names}
@@ -88,19 +94,20 @@ def main(argv: list[str] | None = None) -> int:
         for g, y in zip(groups, looped):
             np.testing.assert_allclose(out[g], y, rtol=2e-4, atol=2e-4, err_msg=method)
         seconds = interleaved_medians({"mixed": lambda: mixed(params, x, ids), "loop": loop}, repeats)
-        rows.append({"method": label, "mixed_seconds": seconds["mixed"], "loop_seconds": seconds["loop"],
+        rows.append({"method": label, "seq": seq, "mixed_seconds": seconds["mixed"], "loop_seconds": seconds["loop"],
                      "mixed_examples_per_second": args.batch / seconds["mixed"],
                      "speedup_vs_loop": seconds["loop"] / seconds["mixed"]})
-        print(f"{label}: mixed {1e3 * seconds['mixed']:.1f} ms, loop {1e3 * seconds['loop']:.1f} ms", flush=True)
-    table = ("| method | mixed batch (one forward) | loop over adapters | mixed examples/s | mixed vs loop |\n"
-             "|---|---:|---:|---:|---:|\n" + "\n".join(
-                 f"| {r['method']} | {1e3 * r['mixed_seconds']:.1f} ms | {1e3 * r['loop_seconds']:.1f} ms | "
+        print(f"{label}, {seq} tokens: mixed {1e3 * seconds['mixed']:.1f} ms, loop {1e3 * seconds['loop']:.1f} ms", flush=True)
+    table = ("| method | tokens per example | mixed batch (one forward) | loop over adapters | mixed examples/s "
+             "| mixed vs loop |\n|---|---:|---:|---:|---:|---:|\n" + "\n".join(
+                 f"| {r['method']} | {r['seq']} | {1e3 * r['mixed_seconds']:.1f} ms | {1e3 * r['loop_seconds']:.1f} ms | "
                  f"{r['mixed_examples_per_second']:.1f} | **{r['speedup_vs_loop']:.2f}x** |" for r in rows))
     payload = {"machine": machine(), "config": {k: str(v) for k, v in vars(config).items()}, "batch": args.batch,
-               "seq": seq, "adapters": args.adapters, "repeats": repeats, "rows": rows}
+               "seqs": seqs, "adapters": args.adapters, "repeats": repeats, "rows": rows}
     write("mixed_adapters", payload,
           f"Reference LM ({config.num_layers} layers, d_model {config.d_model}), {args.adapters} adapters of each "
-          f"method, batch {args.batch} x {seq} (example i runs adapter i mod {args.adapters}); the loop runs one "
+          f"method, batch {args.batch} x (1 example per adapter; {', '.join(map(str, seqs))} tokens each; example i runs "
+          f"adapter i mod {args.adapters}); the loop runs one "
           f"jitted forward per adapter on its own examples. Jitted, median of {repeats} interleaved calls; "
           f"outputs checked equal first.\n\nCommand: `python -m benchmarks.bench_adapters "
           f"{' '.join(argv if argv is not None else sys.argv[1:])}`.\n\n" + table, save=not args.quick)
