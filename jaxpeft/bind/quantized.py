@@ -78,6 +78,9 @@ def dequantized_kernel(kernel: QuantizedArray, layer_dtype: Any) -> jax.Array:
     return dequantize_array(kernel, layer_dtype if layer_dtype is not None else kernel.dtype)
 
 
+DENSE = "...i,io->...o"  # the site equation of nn.Dense / nnx.Linear
+
+
 def _bias_shape(equation: str, y_shape: tuple[int, ...]) -> tuple[int, ...]:
     """Flax's bias broadcast for ``y = einsum(equation, x, kernel)``: y's size on every axis the kernel has, else 1."""
     _, rhs, out = parse_equation(equation)
@@ -104,9 +107,6 @@ def _linear(x: jax.Array, kernel: QuantizedArray, bias: Any, dtype: Any, equatio
     if bias is not None:
         y = y + jnp.reshape(jnp.asarray(bias, dtype), _bias_shape(equation, y.shape))
     return y
-
-
-DENSE = "...i,io->...o"
 
 
 def _default_promote(module: Any, flax_default: Any) -> bool:
