@@ -104,8 +104,18 @@ def test_peft_does_the_same_work_on_minilm(arrays):
         assert abs(a - b) <= LOSS_RTOL * abs(b), (ours["losses"], theirs["losses"])
 
 
-@pytest.mark.slow
+def test_bench_peers_quick_runs_the_jax_peers_in_their_own_processes():
+    """The harness itself, as CI runs it: every JAX peer in a fresh worker process, the same work checked."""
+    pytest.importorskip("qwix", reason="the qwix peer needs qwix")
+    from benchmarks.bench_peers import main
+
+    assert main(["--quick", "--rows", "lora_qv", "--no-torch"]) == 0  # exits 1 if any peer did different work
+
+
+@pytest.mark.interop
 def test_bench_peers_quick_runs_every_peer_in_its_own_process():
+    pytest.importorskip("torch", reason="the torch peers need torch")
+    pytest.importorskip("peft", reason="the torch peers need peft")
     from benchmarks.bench_peers import main
 
     assert main(["--quick", "--rows", "lora_qv"]) == 0  # exits 1 if any peer did different work
