@@ -17,6 +17,7 @@ from flax import nnx
 
 import jaxpeft as jp
 from jaxpeft import quant
+from test_qlora_memory import _nbytes, _peak
 from test_quantized_layouts import np_dequantize
 
 BLOCK = 16
@@ -174,15 +175,6 @@ class EinsumStack(nn.Module):
             h = nn.Einsum((HEADS, WIDE, HEAD), "BTD,NDH->BTNH", use_bias=False, name=f"q_{i}")(x)
             x = jnp.tanh(nn.Einsum((HEADS, HEAD, WIDE), "BTNH,NHD->BTD", use_bias=False, name=f"o_{i}")(h))
         return x
-
-
-def _peak(compiled) -> int:
-    m = compiled.memory_analysis()
-    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-
-
-def _nbytes(tree) -> int:
-    return sum(x.nbytes for x in jax.tree.leaves(tree, is_leaf=quant.is_quantized))
 
 
 def test_einsum_qlora_step_holds_no_whole_float_kernel_and_matches_the_plain_path():

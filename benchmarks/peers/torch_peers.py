@@ -110,6 +110,18 @@ def _peft_run(row: str, arrays: dict, steps: int, compile: bool) -> dict:
                     module.lora_A["default"].weight.copy_(torch.from_numpy(arrays[_a_key(name)].T.copy()))
     tokens = torch.from_numpy(arrays["tokens"].astype(np.int64))
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
+
+    def loss_of(forward):
+        logits = forward(inputs)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+    return _train(model, loss_of, steps, compile)
+
+
+def _train(model, loss_of, steps: int, compile: bool) -> dict:
+    """AdamW steps on ``model``'s trainable parameters; ``loss_of(forward)`` is one step's loss."""
+    import torch
+
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=S.LEARNING_RATE, betas=S.BETAS, eps=S.EPS, weight_decay=S.WEIGHT_DECAY)
     forward = torch.compile(model) if compile else model
@@ -118,8 +130,7 @@ def _peft_run(row: str, arrays: dict, steps: int, compile: bool) -> dict:
     for _ in range(steps):
         t, u = time.perf_counter(), S.usage()
         opt.zero_grad(set_to_none=True)
-        logits = forward(inputs)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        loss = loss_of(forward)
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - t)
@@ -160,23 +171,12 @@ def _peft_minilm(arrays: dict, steps: int, compile: bool) -> dict:
     batch = {k: torch.from_numpy(arrays[f"minilm/{k}"].astype(np.int64)) for k in ("input_ids", "attention_mask", "token_type_ids")}
     target = torch.from_numpy(arrays["minilm/target"])
     mask = batch["attention_mask"].unsqueeze(-1).float()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=S.LEARNING_RATE, betas=S.BETAS, eps=S.EPS, weight_decay=S.WEIGHT_DECAY)
-    forward = torch.compile(model) if compile else model
 
-    losses, times, usages = [], [], []
-    for _ in range(steps):
-        t, u = time.perf_counter(), S.usage()
-        opt.zero_grad(set_to_none=True)
+    def loss_of(forward):
         hidden = forward(**batch).last_hidden_state
-        loss = ((((hidden * mask).sum(1) / mask.sum(1)) - target) ** 2).mean()
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - t)
-        usages.append(S.step_usage(u, S.usage()))
-        losses.append(float(loss.detach()))
-    return {"losses": losses, "step_seconds": times, "trainable_params": int(sum(p.numel() for p in params)),
-            **{k: [x[k] for x in usages] for k in usages[0]}}
+        return ((((hidden * mask).sum(1) / mask.sum(1)) - target) ** 2).mean()
+
+    return _train(model, loss_of, steps, compile)
 
 
 def _quantize_nf4(model, block: int) -> None:
