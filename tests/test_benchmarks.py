@@ -9,6 +9,7 @@ import pytest
     "name",
     [
         pytest.param("adapters", marks=pytest.mark.slow),  # ~15 s
+        "qlora_memory",  # ~5 s: compiles two steps and four chains, runs none
         # slow on 2 cores (CI budget); their library paths are covered by tests/test_qlora*.py and
         # tests/test_train_ownership.py, the scripts themselves by `pytest -m slow`
         pytest.param("lora", marks=pytest.mark.slow),  # ~25 s; its train step is test_train.py's
