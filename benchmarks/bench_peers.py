@@ -139,15 +139,15 @@ def mixed_rows(quick: bool) -> int:
     """The mixed-adapter inference rows: both scripts in fresh processes, their tables in peers_mixed.*."""
     root = pathlib.Path(__file__).resolve().parent.parent
     parts, payload = [], {"machine": machine(), "runs": {}}
-    for name, extra in (("mixed_peft", []), ("adapters", [])):
-        cmd = [sys.executable, "-m", f"benchmarks.bench_{name}", *(["--quick"] if quick else extra)]
+    for name, results in (("mixed_peft", "mixed_peft"), ("adapters", "mixed_adapters")):  # script, its results file
+        cmd = [sys.executable, "-m", f"benchmarks.bench_{name}", *(["--quick"] if quick else [])]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root,
                               env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
         if proc.returncode != 0:
             print(f"bench_{name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
             return 1
         if not quick:
-            result = root / "benchmarks" / "results" / f"{'mixed_peft' if name == 'mixed_peft' else 'mixed_adapters'}"
+            result = root / "benchmarks" / "results" / results
             payload["runs"][name] = json.loads(result.with_suffix(".json").read_text())
             body = result.with_suffix(".md").read_text().split("\n", 3)[3]  # without its title and date line
             parts.append(f"## `python -m benchmarks.bench_{name}`\n\n{body.strip()}\n")

@@ -46,9 +46,6 @@ def _timed_steps(step, state, steps: int) -> dict:
 def jaxpeft_linen(row: str, arrays: dict, steps: int) -> dict:
     import jax
 
-    if row in S.MINILM_ROWS:
-        return _minilm_linen(arrays, steps)
-
     train_step, (trainable, frozen, opt_state, batch, rng) = linen_train_step(row, arrays)
 
     def step(state):
@@ -69,6 +66,8 @@ def linen_train_step(row: str, arrays: dict):
     import jaxpeft as jp
     from jaxpeft.models import LinenLM
 
+    if row in S.MINILM_ROWS:
+        return _minilm_linen_step(arrays)
     c = S.config(bool(arrays["quick"]))
     model = LinenLM(c)
     tokens = jnp.asarray(arrays["tokens"])
@@ -84,7 +83,7 @@ def linen_train_step(row: str, arrays: dict):
         method = jp.dora if row in S.DORA_ROWS else jp.lora
         peft_model, params = jp.apply(method(S.RANK, S.ALPHA, targets=regex), model, jax.random.key(0),
                                       batch["inputs"], params=base)
-        params = _with_shared_a(params, arrays)  # the shared A init; B starts at zero
+        params = _with_shared_a(params, lambda path: arrays["lora_a/" + path])  # the shared A init; B starts at zero
         apply_fn, selector = peft_model.apply, peft_model.trainable
     trainable, frozen = jp.partition(params, selector)
     opt = _optimizer()
@@ -99,8 +98,8 @@ def linen_train_step(row: str, arrays: dict):
 _QUANTIZED_KERNELS = r"layers_\d+/(attn|mlp)/({})/kernel$".format("|".join(S.QUANTIZED))
 
 
-def _with_shared_a(params: dict, arrays: dict) -> dict:
-    """``params`` with every ``lora_a`` replaced by the shared init of its layer."""
+def _with_shared_a(params: dict, a_of) -> dict:
+    """``params`` with every ``lora_a`` replaced by ``a_of(its layer's path)``, the shared init."""
     import jax
     import jax.numpy as jnp
 
@@ -108,7 +107,7 @@ def _with_shared_a(params: dict, arrays: dict) -> dict:
         names = [getattr(k, "key", None) for k in keys]  # a QuantizedArray's fields have no dict key
         if names[-1] != "lora_a":
             return leaf
-        return jnp.asarray(arrays["lora_a/" + "/".join(names[:-1])])
+        return jnp.asarray(a_of("/".join(names[:-1])))
 
     return jax.tree_util.tree_map_with_path(replace, params)
 
@@ -191,50 +190,28 @@ def _minilm(arrays: dict):
     return config, params, batch, loss
 
 
-def _minilm_a(arrays: dict, path: str):
-    hit = S.minilm_layer(path)
-    if hit is None:
-        raise RuntimeError(f"no shared LoRA A for {path!r}")
-    return arrays[f"minilm_lora_a/layer_{hit[0]}/{hit[1]}"]
-
-
 MINILM_TARGETS = r"attention/(query|value)$"
 
 
-def _minilm_linen(arrays: dict, steps: int) -> dict:
+def _minilm_linen_step(arrays: dict):
+    """``linen_train_step`` for the MiniLM row: jaxpeft's LoRA on ``BertLinen`` holding the checkpoint."""
     import jax
-    import jax.numpy as jnp
 
     import jaxpeft as jp
     from jaxpeft.models import BertLinen
 
     config, base, batch, loss = _minilm(arrays)
-    model = BertLinen(config)
-    peft_model, params = jp.apply(jp.lora(S.RANK, S.ALPHA, targets=MINILM_TARGETS), model, jax.random.key(0),
-                                  batch["input_ids"], params=base, attention_mask=batch["attention_mask"],
-                                  token_type_ids=batch["token_type_ids"])
-
-    def replace(keys, leaf):
-        names = [getattr(k, "key", None) for k in keys]
-        return jnp.asarray(_minilm_a(arrays, "/".join(names[:-1]))) if names[-1] == "lora_a" else leaf
-
-    params = jax.tree_util.tree_map_with_path(replace, params)
+    peft_model, params = jp.apply(jp.lora(S.RANK, S.ALPHA, targets=MINILM_TARGETS), BertLinen(config),
+                                  jax.random.key(0), batch["input_ids"], params=base,
+                                  attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"])
+    params = _with_shared_a(params, lambda path: S.minilm_a(arrays, path))
     trainable, frozen = jp.partition(params, peft_model.trainable)
     opt = _optimizer()
 
     def loss_fn(t, f, b, rng):
         return loss(lambda *a, **k: peft_model.apply(jp.combine(t, f), *a, **k), b)
 
-    train_step = jp.make_train_step(loss_fn, opt)
-
-    def step(state):
-        t, s = state
-        t, s, metrics = train_step(t, frozen, s, batch, None)
-        return (t, s), metrics["loss"]
-
-    out = _timed_steps(step, (trainable, opt.init(trainable)), steps)
-    out["trainable_params"] = int(sum(x.size for x in jax.tree.leaves(trainable)))
-    return out
+    return jp.make_train_step(loss_fn, opt), (trainable, frozen, opt.init(trainable), batch, None)
 
 
 def _minilm_nnx(peer: str, arrays: dict, steps: int) -> dict:
@@ -269,13 +246,13 @@ def _minilm_nnx(peer: str, arrays: dict, steps: int) -> dict:
     seen = 0
     for path, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Variable) and str(path[-1]).endswith(suffix):
-            a = _minilm_a(arrays, "/".join(map(str, path[:-1])))
+            a = S.minilm_a(arrays, "/".join(map(str, path[:-1])))
             var[...] = scale * jnp.asarray(a).reshape(var[...].shape)
             seen += 1
     if seen != 2 * config.num_hidden_layers:
         raise RuntimeError(f"{peer} made {seen} LoRA layers on MiniLM, expected {2 * config.num_hidden_layers}")
     graphdef, trainable, frozen = nnx.split(model, wanted, ...)
-    return _nnx_train(graphdef, trainable, frozen, arrays, steps, (batch, lambda m, b: loss(m, b)))
+    return _nnx_train(graphdef, trainable, frozen, arrays, steps, (batch, loss))
 
 
 def jaxpeft_nnx(row: str, arrays: dict, steps: int) -> dict:

@@ -119,6 +119,14 @@ def minilm_layer(path: str) -> tuple[int, str] | None:
     return (int(m.group(1)), m.group(2)) if m else None
 
 
+def minilm_a(arrays: dict, path: str) -> np.ndarray:
+    """The shared LoRA ``A`` init [384, rank] of the MiniLM projection at ``path`` (any library's naming)."""
+    hit = minilm_layer(path)
+    if hit is None:
+        raise RuntimeError(f"no shared LoRA A for {path!r}")
+    return arrays[f"minilm_lora_a/layer_{hit[0]}/{hit[1]}"]
+
+
 def load(path: str) -> dict[str, np.ndarray]:
     with np.load(path) as f:
         return {k: f[k] for k in f.files}

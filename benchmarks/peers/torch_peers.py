@@ -104,10 +104,7 @@ def _peft_run(row: str, arrays: dict, steps: int, compile: bool) -> dict:
         lora = peft.LoraConfig(r=S.RANK, lora_alpha=S.ALPHA, lora_dropout=0.0, target_modules=list(targets),
                                use_dora=row in S.DORA_ROWS)
         model = peft.get_peft_model(model, lora)
-        with torch.no_grad():
-            for name, module in model.named_modules():
-                if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-                    module.lora_A["default"].weight.copy_(torch.from_numpy(arrays[_a_key(name)].T.copy()))
+        _copy_shared_a(model, lambda name: arrays[_a_key(name)])
     tokens = torch.from_numpy(arrays["tokens"].astype(np.int64))
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
 
@@ -140,6 +137,19 @@ def _train(model, loss_of, steps: int, compile: bool) -> dict:
             **{k: [x[k] for x in usages] for k in usages[0]}}
 
 
+def _copy_shared_a(model, a_of) -> int:
+    """Every HF PEFT ``lora_A`` set to ``a_of(module name)`` (an ``[in, r]`` array), transposed; how many."""
+    import torch
+
+    seen = 0
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+                module.lora_A["default"].weight.copy_(torch.from_numpy(a_of(name).T.copy()))
+                seen += 1
+    return seen
+
+
 def _peft_minilm(arrays: dict, steps: int, compile: bool) -> dict:
     """HF PEFT LoRA on ``transformers.BertModel`` loaded from the same MiniLM checkpoint (dropout off)."""
     import peft
@@ -158,14 +168,7 @@ def _peft_minilm(arrays: dict, steps: int, compile: bool) -> dict:
     for module in model.modules():  # dropout off, as in every other peer
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    seen = 0
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-                hit = S.minilm_layer(name)
-                a = arrays[f"minilm_lora_a/layer_{hit[0]}/{hit[1]}"]
-                module.lora_A["default"].weight.copy_(torch.from_numpy(a.T.copy()))
-                seen += 1
+    seen = _copy_shared_a(model, lambda name: S.minilm_a(arrays, name))
     if seen != 2 * model.config.num_hidden_layers:
         raise RuntimeError(f"HF PEFT made {seen} LoRA layers on MiniLM")
     batch = {k: torch.from_numpy(arrays[f"minilm/{k}"].astype(np.int64)) for k in ("input_ids", "attention_mask", "token_type_ids")}
