@@ -80,13 +80,10 @@ def _row_block(q: QuantizedArray, k: jax.Array, rows: int) -> QuantizedArray:
     per_byte = 1 if q.scheme == "int8" else 2
     srows = rows // q.block_size
 
-    def cut(x, size):
-        return jax.lax.dynamic_slice_in_dim(x, k * size, size, axis=a)
-
     return QuantizedArray(
-        packed=cut(q.packed, rows // per_byte),
-        scales=cut(q.scales, srows),
-        scale_scales=None if q.scale_scales is None else cut(q.scale_scales, srows),
+        packed=_cut(q.packed, a, k, rows // per_byte),
+        scales=_cut(q.scales, a, k, srows),
+        scale_scales=None if q.scale_scales is None else _cut(q.scale_scales, a, k, srows),
         scale_offset=q.scale_offset,
         shape=(*q.shape[:a], rows, *q.shape[a + 1 :]),
         dtype=q.dtype,
@@ -124,6 +121,7 @@ class _Plan:
     x_axis: int | None  # None: the blocked axis is not an axis of x (an output axis of the kernel)
     y_axis: int | None  # None: the blocked axis is summed away (contracted with x)
     x_shape: tuple[int, ...]
+    y_shape: tuple[int, ...]
     dtype: np.dtype
     precision: Any
 
@@ -188,8 +186,7 @@ def _forward(plan: _Plan, x: jax.Array, q: QuantizedArray) -> jax.Array:
         w = _dequantize(_row_block(q, k, plan.rows), dtype=dtype)
         return plan.dot(x if plan.x_axis is None else _cut(x, plan.x_axis, k, plan.rows), w)
 
-    out = jax.eval_shape(plan.dot, jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(q.shape, dtype))
-    y = _loop(plan, out.shape, acc if plan.y_axis is None else dtype, x, block, plan.y_axis)
+    y = _loop(plan, plan.y_shape, acc if plan.y_axis is None else dtype, x, block, plan.y_axis)
     return y.astype(dtype)
 
 
@@ -287,15 +284,14 @@ def qeinsum_blockwise(
     dtype = np.dtype(x.dtype if dtype is None else dtype)
     x = jnp.asarray(x).astype(dtype)
     try:
-        jax.eval_shape(functools.partial(jnp.einsum, equation), x, jax.ShapeDtypeStruct(q.shape, dtype))
+        y_shape = tuple(jax.eval_shape(functools.partial(jnp.einsum, equation), x, jax.ShapeDtypeStruct(q.shape, dtype)).shape)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{where}: x of shape {tuple(x.shape)} does not fit {equation!r} with the kernel {q.shape}: {e}") from None
     label = rhs[q.axis]
     x_axis = _axis_of(lhs, label, x.ndim) if label in lhs else None
-    y_ndim = len(jax.eval_shape(functools.partial(jnp.einsum, equation), x, jax.ShapeDtypeStruct(q.shape, dtype)).shape)
-    y_axis = _axis_of(out, label, y_ndim) if label in out else None
+    y_axis = _axis_of(out, label, len(y_shape)) if label in out else None
     n = row_blocks(q, dtype, int(block_bytes))
-    plan = _Plan(equation, n, q.shape[q.axis] // n, x_axis, y_axis, tuple(x.shape), dtype, precision)
+    plan = _Plan(equation, n, q.shape[q.axis] // n, x_axis, y_axis, tuple(x.shape), y_shape, dtype, precision)
     return _qeinsum(plan, x, q)
 
 
