@@ -206,23 +206,6 @@ def test_einsum_qlora_step_holds_no_whole_float_kernel_and_matches_the_plain_pat
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5 * float(np.abs(e).max()))
 
 
-def _chain_temp(layers: int, matmul) -> int:
-    """XLA's temporaries for the gradient of a chain of ``tanh(x W + x A B)`` layers, activations >> kernels."""
-    rng = np.random.default_rng(0)
-    qs = [quant.quantize_array(jnp.asarray(rng.normal(0, 0.03, (512, 512)), jnp.float32), scheme="nf4",
-                               block_size=64) for _ in range(layers)]
-    lora = [(jnp.asarray(rng.normal(0, 0.03, (512, 8)), jnp.float32), jnp.full((8, 512), 0.01)) for _ in qs]
-    x = jnp.asarray(rng.normal(size=(1024, 512)), jnp.float32)
-
-    def loss(lora, qs, x):
-        h = x
-        for (a, b), q in zip(lora, qs):
-            h = jnp.tanh(matmul(h, q) + (h @ a) @ b)
-        return jnp.mean(h**2)
-
-    return jax.jit(jax.grad(loss)).lower(lora, qs, x).compile().memory_analysis().temp_size_in_bytes
-
-
 def test_each_layer_adds_no_more_than_its_saved_activation():
     """Activations 4x the kernels (the peers' shape): a layer adds its tanh output (2 MiB) to the step, nothing more.
 
@@ -230,10 +213,10 @@ def test_each_layer_adds_no_more_than_its_saved_activation():
     constants and scheduled every copy at the start of the step); the plain path adds the 1 MiB
     dequantized kernel per layer.
     """
+    from benchmarks.bench_qlora_memory import chain_temp  # the chain `jaxpeft bench qlora_memory` reports
+
     activation = 1024 * 512 * 4
-    blockwise = lambda h, q: jp.qmatmul_blockwise(h, q)  # noqa: E731
-    plain = lambda h, q: h @ quant.dequantize_array(q)  # noqa: E731
-    per_layer = (_chain_temp(8, blockwise) - _chain_temp(4, blockwise)) / 4
+    per_layer = (chain_temp(8, False, 512, 1024) - chain_temp(4, False, 512, 1024)) / 4
     assert per_layer <= 1.1 * activation, per_layer / 2**20
-    plain_per_layer = (_chain_temp(8, plain) - _chain_temp(4, plain)) / 4
+    plain_per_layer = (chain_temp(8, True, 512, 1024) - chain_temp(4, True, 512, 1024)) / 4
     assert plain_per_layer > 1.4 * activation, plain_per_layer / 2**20  # it keeps each float kernel
